@@ -1,0 +1,1 @@
+"""treespec: speculative inference with token-tree verification."""
