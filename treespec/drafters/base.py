@@ -1,0 +1,34 @@
+"""The drafter protocol: propose a token tree per request, observe what the target accepted."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from treespec.config import DraftSampling
+from treespec.tree.token_tree import TokenTree
+from treespec.verify import VerifyResult
+
+if TYPE_CHECKING:
+    from treespec.engine.request import Request
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter gets for one request this step."""
+    request: "Request"
+    max_nodes: int          # draft nodes allowed (excluding the root)
+    max_depth: int          # deepest draft node allowed (context length and config)
+    sampling: DraftSampling  # how to pick children when the request samples (greedy requests: top-k)
+
+
+class Drafter(Protocol):
+    drafter_id: int
+
+    def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
+        """One tree per request, rooted at request.root_token (node 0); may be the bare root."""
+
+    def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:
+        """Called after verification with what was accepted (drafter caches commit, statistics adapt)."""
+
+    def release(self, request: "Request") -> None:
+        """The request finished: drop its state."""

@@ -1,0 +1,146 @@
+"""N-gram drafting: prompt lookup plus hierarchical databases (HD), highest locality first.
+
+Databases, searched in order until enough continuations are found: (1) the request's own context (prompt and
+output), (2) text the engine generated for earlier requests, (3) an optional static corpus. For the longest
+suffix of the context (prompt_lookup_max down to prompt_lookup_min tokens) that occurs earlier, the tokens
+that followed each occurrence (most recent first) are continuations; distinct ones are merged into a trie.
+Drafts are deterministic (q is one-hot). A node's score estimates its acceptance probability from the
+acceptance rate observed at each depth, times the share of continuations that pass through it.
+"""
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from pathlib import Path
+
+import torch
+
+from treespec.config import DrafterConfig
+from treespec.drafters.base import DraftRequest
+from treespec.errors import ConfigError
+from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
+from treespec.verify import VerifyResult
+
+_MAX_GLOBAL_TOKENS = 200_000  # database (2): bounded memory of earlier generations
+
+
+class NgramIndex:
+    """n-gram -> end positions of its occurrences in one token sequence, updated as tokens are appended."""
+
+    def __init__(self, n_min: int, n_max: int) -> None:
+        self.n_min, self.n_max = n_min, n_max
+        self.tokens: list[int] = []
+        self.table: dict[tuple[int, ...], list[int]] = defaultdict(list)
+
+    def extend(self, new: list[int]) -> None:
+        toks = self.tokens
+        for t in new:
+            toks.append(t)
+            end = len(toks)
+            for n in range(self.n_min, min(self.n_max, end) + 1):
+                self.table[tuple(toks[end - n:end])].append(end)
+
+    def continuations(self, suffix: list[int], depth: int, limit: int, exclude_end: int | None = None
+                      ) -> list[list[int]]:
+        """Up to `limit` distinct continuations of the longest matching suffix, most recent occurrence first."""
+        found: list[list[int]] = []
+        for n in range(min(self.n_max, len(suffix)), self.n_min - 1, -1):
+            for end in reversed(self.table.get(tuple(suffix[-n:]), ())):
+                if end == exclude_end or end >= len(self.tokens):
+                    continue
+                cont = self.tokens[end:end + depth]
+                if cont and cont not in found:
+                    found.append(cont)
+                    if len(found) >= limit:
+                        return found
+            if found:
+                return found  # a longer match is more specific; don't dilute it with shorter ones
+        return found
+
+
+class NgramDrafter:
+    def __init__(self, cfg: DrafterConfig, drafter_id: int, tokenizer=None) -> None:
+        self.cfg, self.drafter_id = cfg, drafter_id
+        self.own: dict[str, NgramIndex] = {}
+        self.generated = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        self.generated_spans: deque[int] = deque()
+        self.corpus: NgramIndex | None = None
+        if cfg.corpus:
+            self.corpus = _load_corpus(Path(cfg.corpus), tokenizer, cfg)
+        self.depth_rate = [0.5] * 64  # P(node at depth d accepted | parent accepted), running estimate
+
+    # ---- protocol -------------------------------------------------------------------------------------------
+    def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
+        return [self._propose_one(d) for d in batch]
+
+    def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:
+        for tree, res in zip(trees, results):
+            if tree.n <= 1:
+                continue
+            accepted_depth = len(res.path) - 1
+            drafted_depth = int(tree.depth.max())
+            for d in range(min(accepted_depth + 1, drafted_depth)):  # depths whose parent was accepted
+                hit = 1.0 if d < accepted_depth else 0.0
+                self.depth_rate[d] = 0.9 * self.depth_rate[d] + 0.1 * hit
+
+    def release(self, request) -> None:
+        idx = self.own.pop(request.request_id, None)
+        if idx is not None and request.output_ids:
+            self._remember(request.all_ids)
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    def _propose_one(self, d: DraftRequest) -> TokenTree:
+        r = d.request
+        tree = TokenTree.root(r.root_token)
+        if d.max_depth <= 0 or d.max_nodes <= 0:
+            return tree
+        idx = self.own.get(r.request_id)
+        if idx is None:
+            idx = self.own[r.request_id] = NgramIndex(self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
+        ctx = r.all_ids
+        idx.extend(ctx[len(idx.tokens):])
+        depth = min(d.max_depth, self.cfg.num_speculative_tokens)
+        limit = self.cfg.max_continuations
+        conts = idx.continuations(ctx, depth, limit, exclude_end=len(ctx))
+        for db in (self.generated, self.corpus):
+            if len(conts) >= limit or db is None:
+                break
+            conts += [c for c in db.continuations(ctx, depth, limit - len(conts)) if c not in conts]
+        return self._trie(tree, conts, d.max_nodes)
+
+    def _trie(self, tree: TokenTree, conts: list[list[int]], max_nodes: int) -> TokenTree:
+        """Merge continuations into the tree, scoring each node by share x per-depth acceptance."""
+        counts: dict[int, int] = defaultdict(int)
+        for cont in conts:
+            node = 0
+            for t in cont:
+                if tree.n - 1 >= max_nodes and tree.find_child(node, t) is None:
+                    break
+                node = tree.add_child(node, t, Proposal(self.drafter_id, DraftKind.DETERMINISTIC, None))
+                counts[node] += 1
+        scores = [1.0] * tree.n
+        for i in range(1, tree.n):
+            parent = int(tree.parents[i])
+            share = counts[i] / max(1, counts[parent] if parent > 0 else len(conts))
+            scores[i] = scores[parent] * share * self.depth_rate[int(tree.depth[i]) - 1]
+        tree.scores = torch.tensor(scores)
+        return tree
+
+    def _remember(self, tokens: list[int]) -> None:
+        """Add a finished request's text to database (2), forgetting the oldest beyond the bound."""
+        if len(self.generated.tokens) + len(tokens) > _MAX_GLOBAL_TOKENS:
+            keep = self.generated.tokens[len(self.generated.tokens) // 2:]
+            self.generated = NgramIndex(self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
+            self.generated.extend(keep)
+        self.generated.extend(tokens)
+
+
+def _load_corpus(path: Path, tokenizer, cfg: DrafterConfig) -> NgramIndex:
+    if tokenizer is None:
+        raise ConfigError("corpus: a tokenizer is needed to index a corpus file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"corpus: cannot read {path}: {e}") from None
+    idx = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+    idx.extend(tokenizer.encode(text, add_special_tokens=False))
+    return idx

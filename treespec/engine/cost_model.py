@@ -1,0 +1,109 @@
+"""Choosing tree sizes: measured verify cost c(n) against the expected accepted tokens of each draft node.
+
+A node's score is the drafter's estimate that it gets accepted (product of draft probabilities along its path,
+or an observed per-depth acceptance rate for drafters without probabilities); scores never rise from parent to
+child, so keeping the best-scored nodes keeps every tree connected. The engine keeps, across all requests of a
+step, the best nodes while expected tokens per second still rises:  (sum of roots + kept scores) / (c(n) + draft).
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from treespec.tree.token_tree import TokenTree
+
+GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+class CostModel:
+    """c(n): seconds of one target forward (and LM-head argmax) over n query tokens, piecewise linear."""
+
+    def __init__(self, points: dict[int, float]) -> None:
+        self.ns = sorted(points)
+        self.ts = [points[n] for n in self.ns]
+
+    def cost(self, n: int) -> float:
+        ns, ts = self.ns, self.ts
+        if n <= ns[0]:
+            return ts[0]
+        i = bisect.bisect_left(ns, n)
+        if i == len(ns):  # extrapolate with the last slope
+            i = len(ns) - 1
+        n0, n1, t0, t1 = ns[i - 1], ns[i], ts[i - 1], ts[i]
+        return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+
+    def as_dict(self) -> dict[int, float]:
+        return dict(zip(self.ns, self.ts))
+
+    @classmethod
+    @torch.inference_mode()
+    def measure(cls, model: torch.nn.Module, prefix: int = 128, repeats: int = 3) -> "CostModel":
+        from treespec.attention.metadata import single
+        cache = model.new_cache(prefix + max(GRID) + 1)
+        cache.reserve(prefix)
+        model(torch.zeros(prefix, dtype=torch.long), torch.arange(prefix), single(cache, prefix))
+        cache.commit()
+        points = {}
+        for n in GRID:
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                cache.reserve(n)
+                h = model(torch.zeros(n, dtype=torch.long), prefix + torch.arange(n), single(cache, n))
+                model.lm_head.argmax(h)
+                best = min(best, time.perf_counter() - t)
+            points[n] = best
+        return cls(points)
+
+    @classmethod
+    def load_or_measure(cls, model: torch.nn.Module, key: str) -> "CostModel":
+        """Measure once per model, device and thread count; cached under ~/.cache/treespec."""
+        tag = f"{key}|{torch.get_num_threads()}|{torch.__version__}"
+        digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
+        path = Path(os.environ.get("TREESPEC_CACHE", Path.home() / ".cache" / "treespec")) / f"cost-{digest}.json"
+        try:
+            return cls({int(k): float(v) for k, v in json.loads(path.read_text()).items()})
+        except (OSError, ValueError):
+            pass
+        cm = cls.measure(model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cm.as_dict()))
+        except OSError:
+            pass  # a read-only home only costs a re-measure next time
+        return cm
+
+
+def allocate_nodes(scores: list[torch.Tensor], cost: CostModel, draft_cost: float, budget: int) -> list[int]:
+    """How many draft nodes (excluding roots) each tree keeps.
+
+    scores: per request, [n_draft] scores of its draft nodes in descending order (parents first on ties).
+    budget: total query tokens allowed this step, roots included.
+    """
+    counts = [0] * len(scores)
+    gains = sorted(((float(s), r) for r, row in enumerate(scores) for s in row.tolist()), key=lambda x: -x[0])
+    n = len(scores)
+    expected = float(n)
+    best_rate, best_k = expected / (cost.cost(n) + draft_cost), 0
+    for k, (g, _) in enumerate(gains[: max(0, budget - n)], start=1):
+        expected += g
+        rate = expected / (cost.cost(n + k) + draft_cost)
+        if rate > best_rate:
+            best_rate, best_k = rate, k
+    for _, r in gains[:best_k]:
+        counts[r] += 1
+    return counts
+
+
+def prune_tree(tree: TokenTree, keep: int) -> TokenTree:
+    """Keep the root and the `keep` best-scored draft nodes (a parent-closed set), re-indexed."""
+    if keep >= tree.n - 1:
+        return tree
+    order = sorted(range(1, tree.n), key=lambda i: (-float(tree.scores[i]), i))[:keep]
+    return tree.select([0] + sorted(order))
