@@ -2,7 +2,9 @@
 
 A forward takes the new tokens of several requests concatenated: tokens [T], positions [T]. Request r owns
 rows [start, start + n) of that batch and its own KVCache. Its queries see every committed slot of its cache
-(subject to a sliding window) plus the new tokens allowed by `tree_mask` (a plain causal chain when None).
+(subject to a sliding window) plus the pending slots allowed by `tree_mask` (a plain causal chain when None).
+The pending slots are this forward's n tokens, after any pending slots of earlier forwards (a drafter that
+grows a tree level by level); usually there are none of those and the pending slots are exactly the n.
 """
 from __future__ import annotations
 
@@ -18,25 +20,23 @@ class SeqAttention:
     cache: KVCache
     start: int                             # first row of this request in the flat batch
     n: int                                 # number of new tokens (queries) of this request
-    tree_mask: torch.Tensor | None = None  # [n, n] bool, True where query i may see new token j (ancestors + self)
-
-    def key_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions: [n] of the new tokens -> [length + n] positions of every visible key."""
-        committed = torch.arange(self.cache.length, device=positions.device)
-        return torch.cat([committed, positions])
+    tree_mask: torch.Tensor | None = None  # [n, pending] bool, query i may see pending slot j (ancestors + self)
 
     def mask(self, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        """Boolean attention mask [n, length + n] for this request's queries (True = attend).
+        """Boolean attention mask [n, length + pending] for this request's queries (True = attend).
 
         positions: [n] positions of the new tokens. window: sliding-window size (key visible iff
-        q_pos - k_pos < window), None for full attention.
+        q_pos - k_pos < window), None for full attention. Call after cache.reserve(n).
         """
-        n, length = self.n, self.cache.length
-        new = self.tree_mask if self.tree_mask is not None else torch.ones(
-            n, n, dtype=torch.bool, device=positions.device).tril()
-        m = torch.cat([torch.ones(n, length, dtype=torch.bool, device=positions.device), new], dim=1)
+        n, length, pending = self.n, self.cache.length, self.cache.pending
+        dev = positions.device
+        if self.tree_mask is not None:
+            new = self.tree_mask
+        else:  # a chain continuing after any earlier pending slots
+            new = torch.ones(n, pending, dtype=torch.bool, device=dev).tril(pending - n)
+        m = torch.cat([torch.ones(n, length, dtype=torch.bool, device=dev), new], dim=1)
         if window is not None:
-            kpos = self.key_positions(positions)
+            kpos = self.cache.pos[: length + pending]
             m = m & ((positions[:, None] - kpos[None, :]) < window)
         return m
 

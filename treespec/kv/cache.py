@@ -1,9 +1,10 @@
 """Per-request KV cache: contiguous committed prefix + speculative (pending) slots after it.
 
 Invariant: slots [0, length) hold the committed tokens at positions 0..length-1, in order. A forward
-writes its n new tokens' K/V into slots [length, length + n) ("pending"); they are visible to that
-forward only. `commit` then keeps a subset of the pending slots (the accepted tree path) by moving them
-to the next contiguous slots, and drops the rest. Plain prefill / decode commits everything.
+reserves its n new tokens after the pending ones and writes their K/V there; pending slots stay visible
+to later forwards until `commit` (a drafter grows its tree level by level this way; the target verifies
+a whole tree in one forward). `commit` keeps a subset of the pending slots (the accepted tree path) by
+moving them to the next contiguous slots, and drops the rest. Plain prefill / decode commits everything.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class KVCache:
         shape = (num_layers, num_kv_heads, 0, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.pos = torch.empty(0, dtype=torch.long, device=device)  # [capacity] position of each slot
 
     @property
     def capacity(self) -> int:
@@ -32,9 +34,18 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def reserve(self, n: int) -> None:
-        """Make room for n pending slots after the committed prefix (call once per forward)."""
-        need = self.length + n
+    @property
+    def visible(self) -> int:
+        """Slots a forward sees: committed + pending."""
+        return self.length + self.pending
+
+    def reserve(self, n: int, positions: torch.Tensor | None = None) -> None:
+        """Make room for n new pending slots (call once per forward, before it).
+
+        positions: [n] positions of the new tokens (default: right after the visible slots, a chain).
+        """
+        start = self.visible
+        need = start + n
         if need > self.max_len:
             raise ValueError(f"sequence of {need} tokens exceeds the context length {self.max_len}")
         if need > self.capacity:
@@ -42,19 +53,24 @@ class KVCache:
             for name in ("k", "v"):
                 old = getattr(self, name)
                 buf = old.new_empty((self.num_layers, self.num_kv_heads, new_cap, self.head_dim))
-                buf[:, :, : self.length] = old[:, :, : self.length]
+                buf[:, :, :start] = old[:, :, :start]
                 setattr(self, name, buf)
-        self.pending = n
+            pos = self.pos.new_empty(new_cap)
+            pos[:start] = self.pos[:start]
+            self.pos = pos
+        self.pos[start:need] = torch.arange(start, need) if positions is None else positions
+        self.pending += n
 
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's K/V for one layer and return all visible keys/values.
 
-        k_new, v_new: [kv_heads, n, head_dim] with n == self.pending.
-        Returns k, v: [kv_heads, length + n, head_dim] (committed prefix, then the pending slots).
+        k_new, v_new: [kv_heads, n, head_dim], the n slots of the latest reserve().
+        Returns k, v: [kv_heads, length + pending, head_dim] (committed prefix, then every pending slot).
         """
-        end = self.length + k_new.shape[1]
-        self.k[layer, :, self.length:end] = k_new
-        self.v[layer, :, self.length:end] = v_new
+        end = self.visible
+        start = end - k_new.shape[1]
+        self.k[layer, :, start:end] = k_new
+        self.v[layer, :, start:end] = v_new
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
     def commit(self, keep: torch.Tensor | list[int] | None = None) -> None:
@@ -72,6 +88,7 @@ class KVCache:
                 src = idx.to(self.k.device) + self.length
                 self.k[:, :, self.length:self.length + m] = self.k[:, :, src]
                 self.v[:, :, self.length:self.length + m] = self.v[:, :, src]
+            self.pos[self.length:self.length + m] = torch.arange(self.length, self.length + m)
             self.length += m
         self.pending = 0
 
