@@ -1,0 +1,70 @@
+"""`treespec serve`: load a model and serve the OpenAI-compatible API with uvicorn.
+
+The HTTP listener starts before the model loads, so `/health` answers 503 until the engine is ready.
+SIGTERM (or Ctrl+C) stops accepting connections, lets in-flight requests finish for up to --drain-timeout
+seconds, stops the engine thread and exits with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+
+API_KEY_ENV = "TREESPEC_API_KEY"
+
+
+def add_serve_parser(sub) -> None:
+    from treespec.cli import _add_model_args, _positive_int
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    s.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    s.add_argument("--max-num-seqs", type=_positive_int, default=16, help="requests running at once")
+    s.add_argument("--max-num-batched-tokens", type=_positive_int, default=512, help="per-step token budget")
+    s.add_argument("--max-waiting", type=int, default=256, help="waiting-queue bound; beyond it requests get 429")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="largest accepted request body")
+    s.add_argument("--cors-origin", action="append", default=None, help="allow this CORS origin (repeatable)")
+    s.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from treespec.server.app import ServerSettings, create_app
+    settings = ServerSettings(model_name=args.served_model_name or args.model,
+                              api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                              max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin or [])
+    app = create_app(None, None, settings=settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=max(args.drain_timeout, 0.1))
+    server = uvicorn.Server(config)
+    threading.Thread(target=_load_engine, args=(app, args, server), daemon=True, name="treespec-load").start()
+    # uvicorn re-raises the signal it caught once it has drained; a no-op handler turns that into a clean exit.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if app.state.load_error is None else 1
+
+
+def _load_engine(app, args: argparse.Namespace, server) -> None:
+    """Load the model off the event loop; attach the engine to the app (or record why it failed and stop)."""
+    from treespec.api import LLM
+    from treespec.cli import _spec_from_args
+    from treespec.engine.async_engine import AsyncEngine
+    from treespec.server.app import attach_engine
+    try:
+        llm = LLM(args.model, speculative_config=_spec_from_args(args), max_model_len=args.max_model_len,
+                  weight_quantization=args.weight_quantization, num_threads=args.threads,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  max_waiting=args.max_waiting)
+        attach_engine(app, AsyncEngine(llm.engine), llm.tokenizer)
+    except Exception as e:  # noqa: BLE001 - any load failure ends the server with one line, not a hung process
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        print(f"treespec: error: could not load {args.model}: {e}", flush=True)
+        server.should_exit = True
