@@ -76,6 +76,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- the loop -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[Request]:
         """Advance every running request by one target forward; returns requests that emitted or finished."""
         plan = self.scheduler.schedule()
