@@ -132,7 +132,7 @@ def test_too_small_bound_is_caught():
     w, anchors = near_tie_head()
     head = LMHead(w)
     head.prepare()
-    head._screen = Fp16Screen(head._screen.packed, slope=0.0)
+    head.screen = Fp16Screen(head.screen.packed, slope=0.0)
     h = planted_states(w, anchors)
     wrong = sum(int(head.argmax(row[None]) != head.logits(row[None]).argmax(-1)) for row in h)
     assert wrong > 0
@@ -147,8 +147,8 @@ def test_screen_error_within_bound_for_wide_range_weights():
     head = LMHead(w)
     head.prepare()
     h = torch.randn(16, D, generator=g) * 10
-    err = (head._screen(h).double() - (h.double() @ w.double().T)).abs()
-    assert bool((err <= head._screen.slope * h.double().norm(dim=1, keepdim=True)).all())
+    err = (head.screen(h).double() - (h.double() @ w.double().T)).abs()
+    assert bool((err <= head.screen.slope * h.double().norm(dim=1, keepdim=True)).all())
 
 
 @needs_fbgemm
@@ -170,9 +170,10 @@ def test_small_vocab_takes_exact_path():
 
 @needs_fbgemm
 def test_non_finite_weights_disable_screen_and_nan_states_fall_back():
-    w = random_head()
-    w[3, 0] = float("inf")
-    assert not LMHead(w).prepare()
+    for bad in (float("inf"), float("nan")):
+        w = random_head()
+        w[V - 3, 0] = bad
+        assert not LMHead(w).prepare()
     head = LMHead(random_head())
     h = torch.randn(2, D)
     h[1, 5] = float("nan")

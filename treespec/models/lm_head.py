@@ -57,9 +57,10 @@ def screen_slope(weight: torch.Tensor) -> float:  # weight: [V, D] fp32
         w = weight[start:start + _SLOPE_CHUNK]
         w16 = w.clamp(-_FP16_MAX, _FP16_MAX).half().float()
         d = (w.double() - w16.double()).norm(dim=1) + g * (w.double().norm(dim=1) + w16.double().norm(dim=1))
-        slope = max(slope, d.max().item())
-        if not math.isfinite(slope):
+        worst = d.max().item()
+        if not math.isfinite(worst):  # checked before max(): max(x, nan) is x
             return math.inf
+        slope = max(slope, worst)
     return slope * (1.0 + 1e-9)  # covers the float64 rounding of the norms themselves
 
 
@@ -127,7 +128,7 @@ class LMHead:
         self.weight = weight
         self.softcap = softcap
         self.stats = HeadStats()
-        self._screen: Fp16Screen | None = None
+        self.screen: Fp16Screen | None = None  # built by prepare(); None = exact fp32 path
         self._prepared = False
 
     @property
@@ -141,11 +142,12 @@ class LMHead:
 
     def prepare(self) -> bool:
         """Pack the fp16 copy now (seconds and +V*D*2 bytes for a big head) instead of on the first argmax().
-        Returns whether the screen is in use."""
+        Call it only once the weights are final: the copy and its bound are not refreshed. Returns whether the
+        screen is in use."""
         if not self._prepared:
-            self._screen = Fp16Screen.build(self.weight) if self.screen_wanted else None
+            self.screen = Fp16Screen.build(self.weight) if self.screen_wanted else None
             self._prepared = True
-        return self._screen is not None
+        return self.screen is not None
 
     def bytes_per_step(self) -> int:
         """Weight bytes one argmax() reads: the fp16 copy when the screen is used, else the fp32 head."""
@@ -185,14 +187,14 @@ class LMHead:
         return self.logits(h).argmax(dim=-1)
 
     def _screened_argmax(self, h: torch.Tensor) -> torch.Tensor | None:  # h: [T, D] -> [T] or None if uncertified
-        s = self._screen(h)                                            # [T, V]
-        err = self._screen.slope * h.double().norm(dim=1)              # [T]
+        s = self.screen(h)                                            # [T, V]
+        err = self.screen.slope * h.double().norm(dim=1)              # [T]
         top, picked = s.max(dim=1)
         thr = candidate_threshold(top.double(), err, self.softcap)
         if not bool(torch.isfinite(thr).all()):
             return None
         cand = s >= round_down_f32(thr).unsqueeze(1)                   # [T, V]
-        counts = cand.sum(dim=1)
+        counts = cand.view(torch.uint8).sum(dim=1, dtype=torch.int32)  # bool.sum() is far slower on CPU
         if bool((counts > MAX_RESCORE).any()):
             return None
         rescore = (counts > 1).nonzero()[:, 0].tolist()
