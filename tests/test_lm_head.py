@@ -3,7 +3,8 @@ near-ties (the oracle is the obvious slow twin; a deliberately too-small bound m
 import pytest
 import torch
 
-from treespec.models.lm_head import MIN_SCREEN_VOCAB, Fp16Screen, LMHead, fp16_ops_available
+from treespec.models.lm_head import (MIN_SCREEN_VOCAB, Fp16Screen, LMHead, block_maxima, entries_at_least,
+                                     fp16_ops_available)
 
 V, D = 20_000, 64
 needs_fbgemm = pytest.mark.skipif(not fp16_ops_available(), reason="fbgemm fp16 ops not in this torch build")
@@ -43,6 +44,20 @@ def near_tie_head(seed: int = 0, groups: int = 48) -> tuple[torch.Tensor, torch.
             else:
                 w[twin] = base
     return w, ids[:, 0]
+
+
+@pytest.mark.parametrize("v", [100, 256, 1000, 4096 + 7])
+def test_entries_at_least_matches_nonzero(v):
+    """The blocked candidate search finds exactly (s >= thr).nonzero(), tail block and ties included."""
+    g = torch.Generator().manual_seed(v)
+    s = torch.randn(5, v, generator=g).round(decimals=1)  # many exact ties
+    s[4] = 0.0
+    thr = torch.tensor([1.5, 0.0, -10.0, 3.0, 0.0])
+    maxima = block_maxima(s)
+    torch.testing.assert_close(maxima.amax(dim=1), s.amax(dim=1))
+    rows, ids = entries_at_least(s, maxima, thr)
+    want_rows, want_ids = (s >= thr.unsqueeze(1)).nonzero().unbind(1)
+    assert torch.equal(rows, want_rows) and torch.equal(ids, want_ids)
 
 
 def test_logits_match_reference():

@@ -28,6 +28,7 @@ _FP16_MAX = 65504.0               # fbgemm saturates weights to the fp16 range
 MIN_SCREEN_VOCAB = 4096           # below this the fp32 GEMM is cheap and the screen does not pay
 MAX_RESCORE = 4096                # more candidates than this in one row: the full fp32 GEMM is cheaper
 _SLOPE_CHUNK = 16384              # rows per chunk when measuring the fp16 rounding error (bounds temp memory)
+_BLOCK = 256                      # logits per block when looking for candidates: one vectorised max pass
 
 
 def gamma(n: int, u: float = _U32) -> float:
@@ -79,6 +80,29 @@ def round_down_f32(x: torch.Tensor) -> torch.Tensor:  # x: [T] float64 -> [T] fl
     """Largest fp32 value not above x, so an fp32 comparison never drops a candidate."""
     y = x.float()
     return torch.where(y.double() > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+
+
+def block_maxima(s: torch.Tensor) -> torch.Tensor:  # s: [T, V] -> [T, ceil(V / _BLOCK)]
+    """Max of each run of _BLOCK consecutive logits (the last run may be shorter). A value-only max over a
+    blocked view is ~20x faster on CPU than max(dim) with indices over the whole row."""
+    t, v = s.shape
+    full = v // _BLOCK * _BLOCK
+    parts = [s[:, :full].view(t, -1, _BLOCK).amax(dim=2)]
+    if full < v:
+        parts.append(s[:, full:].amax(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+def entries_at_least(s: torch.Tensor, maxima: torch.Tensor,
+                     thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # s: [T, V], maxima: [T, B], thr: [T]
+    """All (row, id) with s[row, id] >= thr[row], sorted by row then id; only blocks whose max reaches thr are read."""
+    v = s.shape[1]
+    hit_row, hit_block = (maxima >= thr.unsqueeze(1)).nonzero().unbind(1)           # [H] each, sorted
+    cols = hit_block.unsqueeze(1) * _BLOCK + torch.arange(_BLOCK)                   # [H, _BLOCK]
+    vals = s[hit_row.unsqueeze(1), cols.clamp(max=v - 1)]
+    keep = (vals >= thr[hit_row].unsqueeze(1)) & (cols < v)
+    hit, offset = keep.nonzero().unbind(1)
+    return hit_row[hit], cols[hit, offset]
 
 
 @dataclass
@@ -187,19 +211,21 @@ class LMHead:
         return self.logits(h).argmax(dim=-1)
 
     def _screened_argmax(self, h: torch.Tensor) -> torch.Tensor | None:  # h: [T, D] -> [T] or None if uncertified
-        s = self.screen(h)                                            # [T, V]
-        err = self.screen.slope * h.double().norm(dim=1)              # [T]
-        top, picked = s.max(dim=1)
-        thr = candidate_threshold(top.double(), err, self.softcap)
+        s = self.screen(h)                                             # [T, V]
+        err = self.screen.slope * h.double().norm(dim=1)               # [T]
+        maxima = block_maxima(s)
+        thr = candidate_threshold(maxima.amax(dim=1).double(), err, self.softcap)
         if not bool(torch.isfinite(thr).all()):
             return None
-        cand = s >= round_down_f32(thr).unsqueeze(1)                   # [T, V]
-        counts = cand.view(torch.uint8).sum(dim=1, dtype=torch.int32)  # bool.sum() is far slower on CPU
-        if bool((counts > MAX_RESCORE).any()):
+        rows, ids = entries_at_least(s, maxima, round_down_f32(thr))   # the screen's max always qualifies
+        counts = torch.bincount(rows, minlength=h.shape[0])
+        if bool((counts > MAX_RESCORE).any()) or not bool((counts > 0).all()):
             return None
+        picked = ids[counts.cumsum(0) - counts]                        # the only candidate where count == 1
         rescore = (counts > 1).nonzero()[:, 0].tolist()
+        per_row = ids.split(counts.tolist()) if rescore else ()
         for t in rescore:
-            winner = self._certified_winner(h[t], cand[t].nonzero()[:, 0])  # ids ascending
+            winner = self._certified_winner(h[t], per_row[t])          # ids ascending
             if winner is None:
                 return None
             picked[t] = winner
