@@ -267,6 +267,16 @@ def test_cancellation_storm_then_prompt_request(server, client, http, slow_steps
     assert out.usage.completion_tokens == 8 and time.monotonic() - t0 < 5.0
 
 
+def test_non_streaming_client_disconnect_aborts(server, http, slow_steps):
+    before = metric(http.get("/metrics").text, "treespec:request_success_total", finished_reason="abort")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json={**GOOD, "max_tokens": 200, "ignore_eos": True},
+                   timeout=0.3)
+    wait_idle(server.engine, timeout=2.0)  # 200 slow steps would take > 1 s: it was aborted
+    after = metric(http.get("/metrics").text, "treespec:request_success_total", finished_reason="abort")
+    assert after - before == 1
+
+
 def test_64_concurrent_streams_complete_unmixed(server, client):
     prompts = [f"{PROMPTS[i % 4]} number {i}" for i in range(64)]
     max_tokens = 8
@@ -394,3 +404,14 @@ def test_health_is_503_while_loading():
             httpx.Client(base_url=srv.base_url, timeout=30) as http:
         assert http.get("/health").status_code == 503
         assert_error(http.post("/v1/completions", json=GOOD), 503)
+
+
+def test_cors_only_when_asked(tok):
+    settings = ServerSettings(model_name=MODEL, api_key="k", cors_origins=["http://ok.example"])
+    with BackgroundServer(create_app(AsyncEngine(tiny_engine(tok)), tok, settings=settings)) as srv, \
+            httpx.Client(base_url=srv.base_url, timeout=30) as http:
+        preflight = {"Origin": "http://ok.example", "Access-Control-Request-Method": "POST"}
+        resp = http.options("/v1/completions", headers=preflight)  # preflights carry no key
+        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == "http://ok.example"
+        other = http.options("/v1/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers

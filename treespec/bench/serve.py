@@ -37,6 +37,7 @@ class LevelResult:
     num_tokens: int
     wall_s: float
     traces: list[RequestTrace] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def throughput(self) -> float:
@@ -99,30 +100,36 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, max_tok
 
 
 async def run_level(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                    chat: bool) -> tuple[list[RequestTrace], float]:
+                    chat: bool) -> tuple[list[RequestTrace], list[str], float]:
+    """Closed loop: `concurrency` clients each send the next prompt as soon as their last one finished."""
     todo: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         todo.put_nowait(p)
     traces: list[RequestTrace] = []
+    errors: list[str] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async def worker(client: httpx.AsyncClient) -> None:
         while not todo.empty():
-            traces.append(await stream_one(client, model, todo.get_nowait(), max_tokens, chat))
+            try:
+                traces.append(await stream_one(client, model, todo.get_nowait(), max_tokens, chat))
+            except (RuntimeError, httpx.HTTPError) as e:  # counted and shown, the run goes on
+                errors.append(str(e))
 
     async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        return traces, time.perf_counter() - t0
+        return traces, errors, time.perf_counter() - t0
 
 
 def markdown_table(results: list[LevelResult]) -> str:
     plain = {r.concurrency: r.throughput for r in results if r.method == "plain"}
-    lines = ["| method | concurrency | requests | tokens | tokens/s | vs plain | TTFT p50 ms | TTFT p99 ms "
-             "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | concurrency | requests | errors | tokens | tokens/s | vs plain | TTFT p50 ms | TTFT p99 ms "
+             "| ITL p50 ms | ITL p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = r.throughput / plain[r.concurrency] if plain.get(r.concurrency) else float("nan")
-        lines.append(f"| {r.method} | {r.concurrency} | {r.num_requests} | {r.num_tokens} | {r.throughput:.2f} "
+        lines.append(f"| {r.method} | {r.concurrency} | {r.num_requests} | {len(r.errors)} | {r.num_tokens} "
+                     f"| {r.throughput:.2f} "
                      f"| x{ratio:.2f} | {1000 * r.ttft(50):.0f} | {1000 * r.ttft(99):.0f} "
                      f"| {1000 * r.itl(50):.1f} | {1000 * r.itl(99):.1f} |")
     return "\n".join(lines)
@@ -150,9 +157,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         with BackgroundServer(app) as server:
             for c in levels:
                 batch = prompts[: min(len(prompts), max(4, 2 * c))]
-                traces, wall = asyncio.run(run_level(server.base_url, args.model, batch, c, args.max_tokens,
-                                                     chat=not args.no_chat))
-                results.append(LevelResult(method, c, len(traces), sum(t.num_tokens for t in traces), wall, traces))
-                print(f"{method} c={c}: {results[-1].throughput:.2f} tokens/s", flush=True)
+                traces, errors, wall = asyncio.run(run_level(server.base_url, args.model, batch, c,
+                                                             args.max_tokens, chat=not args.no_chat))
+                results.append(LevelResult(method, c, len(traces), sum(t.num_tokens for t in traces), wall,
+                                           traces, errors))
+                print(f"{method} c={c}: {results[-1].throughput:.2f} tokens/s, {len(errors)} errors", flush=True)
     print(markdown_table(results))
+    for r in results:
+        for e in sorted(set(r.errors)):
+            print(f"{r.method} c={r.concurrency} error: {e}")
     return 0

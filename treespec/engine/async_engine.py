@@ -16,8 +16,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-import torch
-
 from treespec.engine.emit import stream_delta
 from treespec.engine.engine import LLMEngine, StepStats
 from treespec.engine.request import FinishReason, Request
@@ -97,15 +95,17 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, idle_poll_s: float = 0.5) -> None:
+    def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._commands: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # (command, its future) for the engine thread; None = stop. _lock orders posts against that stop.
+        self._commands: queue.SimpleQueue[tuple[Callable[[], None], Future] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._stopped = False
         self._choices: dict[str, _Choice] = {}
         self._snapshot = EngineSnapshot()
         self._per_position: list[int] = []
         self._finished = {reason: 0 for reason in FinishReason}
         self._closed = False
-        self._idle_poll_s = idle_poll_s
         self._thread = threading.Thread(target=self._loop, name="treespec-engine", daemon=True)
         self._thread.start()
 
@@ -159,9 +159,8 @@ class AsyncEngine:
             stream.close()
 
     def abort(self, request_id: str) -> None:
-        """Abort one engine request (safe from any thread; a no-op once it finished)."""
-        if self._thread.is_alive():
-            self._call(lambda: self._abort(request_id, FinishReason.ABORT, None))
+        """Abort one engine request (safe from any thread; a no-op once it finished or the engine stopped)."""
+        self._call(lambda: self._abort(request_id, FinishReason.ABORT, None))
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to drain_timeout seconds, abort the rest, stop."""
@@ -174,32 +173,26 @@ class AsyncEngine:
     def close(self) -> None:
         """Abort everything and stop the engine thread (blocking)."""
         self._closed = True
-        if self._thread.is_alive():
-            self._call(self._abort_all)
-            self._commands.put(None)
-            self._thread.join()
+        self._call(self._abort_all)
+        with self._lock:
+            if not self._stopped:
+                self._stopped = True
+                self._commands.put(None)
+        self._thread.join()
 
     def _call(self, fn: Callable[[], None]) -> Future:
-        """Run fn on the engine thread; the future carries its exception."""
+        """Run fn on the engine thread; the future carries its result or exception."""
         done: Future = Future()
-
-        def command() -> None:
-            try:
-                fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller, the engine thread carries on
-                done.set_exception(e)
+        with self._lock:
+            if self._stopped:
+                done.set_exception(EngineClosedError("the engine has stopped"))
             else:
-                done.set_result(None)
-
-        self._commands.put(command)
+                self._commands.put((fn, done))
         return done
 
     # ---- engine thread --------------------------------------------------------------------------------------
-    @torch.inference_mode()  # serving never needs autograd; caches created here stay inference tensors
     def _loop(self) -> None:
-        while True:
-            if not self._run_commands(block=not self.engine.has_unfinished()):
-                return
+        while self._run_commands(block=not self.engine.has_unfinished()):
             if self.engine.has_unfinished():
                 self._step()
 
@@ -207,14 +200,18 @@ class AsyncEngine:
         """Run queued commands (waiting for one when idle); False once asked to stop."""
         while True:
             try:
-                command = self._commands.get(timeout=self._idle_poll_s) if block else self._commands.get_nowait()
+                item = self._commands.get() if block else self._commands.get_nowait()
             except queue.Empty:
-                if block:
-                    continue
                 return True
-            if command is None:
+            if item is None:
                 return False
-            command()
+            fn, done = item
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller; the engine thread carries on
+                done.set_exception(e)
+            else:
+                done.set_result(None)
             block = False
 
     def _add(self, prompt_ids: list[int], params: list[SamplingParams], ids: list[str], speculate: bool,
@@ -243,8 +240,7 @@ class AsyncEngine:
         self._collect_aborted()
         if error is not None:
             choice.request.finish(reason, error)
-        self._publish(choice)
-        self._update_snapshot()
+        self._publish([choice])
 
     def _abort_all(self) -> None:
         for rid in list(self._choices):
@@ -263,25 +259,30 @@ class AsyncEngine:
             for rid in failed:
                 self._abort(rid, FinishReason.ERROR, f"engine step failed: {type(e).__name__}: {e}")
             return
-        for r in updated:
-            if (choice := self._choices.get(r.request_id)) is not None and choice.request is r:
-                self._publish(choice)
-        self._update_snapshot()
+        self._publish([c for r in updated if (c := self._choices.get(r.request_id)) is not None and c.request is r])
 
-    def _publish(self, choice: _Choice) -> None:
+    def _publish(self, choices: list[_Choice]) -> None:
+        """Hand each choice its new text and ids; the snapshot is updated first, so a client that has its last
+        token also sees it counted in /metrics."""
+        out = [(c.sink, d) for c in choices if (d := self._delta(c)) is not None]
+        self._update_snapshot()
+        for sink, delta in out:
+            sink(delta)
+
+    def _delta(self, choice: _Choice) -> RequestDelta | None:
         r = choice.request
         self._count_positions(choice)
         text, ids = stream_delta(r), r.output_ids[choice.num_sent_ids:]
         choice.num_sent_ids = len(r.output_ids)
         if not (text or ids or r.finished):
-            return
+            return None
         delta = RequestDelta(choice.index, text, list(ids), time.monotonic())
         if r.finished:
             delta.finish_reason = r.finish_reason or FinishReason.ABORT
             delta.error, delta.metrics = r.error, r.metrics.as_dict()
             self._finished[delta.finish_reason] += 1
             del self._choices[r.request_id]
-        choice.sink(delta)
+        return delta
 
     def _count_positions(self, choice: _Choice) -> None:
         """Fold this request's new per-depth acceptances into the engine-wide per-position totals."""

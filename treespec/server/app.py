@@ -103,20 +103,22 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        timer = metrics.timer()
         backend = _backend(app)
         body = _parse(CompletionRequest, await _read_body(request, settings.max_body_bytes))
         _check_model(body.model, settings.model_name)
         prompt_ids = body.prompt if isinstance(body.prompt, list) else \
             await asyncio.to_thread(backend.tokenizer.encode, body.prompt)
-        return await _serve(request, backend, metrics, Endpoint.COMPLETION, body, prompt_ids, body.max_tokens)
+        return await _serve(request, backend, timer, Endpoint.COMPLETION, body, prompt_ids, body.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        timer = metrics.timer()
         backend = _backend(app)
         body = _parse(ChatCompletionRequest, await _read_body(request, settings.max_body_bytes))
         _check_model(body.model, settings.model_name)
         prompt_ids = await asyncio.to_thread(_chat_prompt_ids, backend.tokenizer, body)
-        return await _serve(request, backend, metrics, Endpoint.CHAT, body, prompt_ids, body.requested_max_tokens)
+        return await _serve(request, backend, timer, Endpoint.CHAT, body, prompt_ids, body.requested_max_tokens)
 
 
 # ---- request handling ---------------------------------------------------------------------------------------------
@@ -162,16 +164,15 @@ def _chat_prompt_ids(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-async def _serve(request: Request, backend: Backend, metrics: ServerMetrics, endpoint: Endpoint,
+async def _serve(request: Request, backend: Backend, timer: RequestTimer, endpoint: Endpoint,
                  body: SamplingFields, prompt_ids: list[int], max_tokens: int | None) -> Response:
-    timer = metrics.timer()
     room = backend.engine.max_model_len - len(prompt_ids)
     if max_tokens is None:
         if room <= 0:
             raise bad_request(f"prompt: {len(prompt_ids)} tokens do not fit the context length "
                               f"{backend.engine.max_model_len}")
         max_tokens = room
-    builder = ResponseBuilder(endpoint, metrics.model_name, len(prompt_ids), body.n, body.return_token_ids)
+    builder = ResponseBuilder(endpoint, timer.metrics.model_name, len(prompt_ids), body.n, body.return_token_ids)
     stream = await _submit(backend.engine, body, prompt_ids, max_tokens, builder.id)
     if body.stream:
         return StreamingResponse(_sse_events(stream, builder, timer, body), media_type="text/event-stream",
