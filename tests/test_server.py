@@ -137,6 +137,21 @@ def test_n_choices_and_stop_string(client):
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == base[:base.index(stop)]
 
 
+def test_stop_token_ids_and_every_sampling_parameter(client):
+    extra = {"ignore_eos": True, "return_token_ids": True}
+    base = ids_of(client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=10, temperature=0,
+                                            extra_body=extra).choices[0])
+    cut = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=10, temperature=0,
+                                    extra_body={**extra, "stop_token_ids": [base[3]]})
+    assert cut.choices[0].finish_reason == "stop"
+    assert ids_of(cut.choices[0]) == base[:base.index(base[3]) + 1]  # the stop token is included in the ids
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}], n=2, seed=3,
+        max_completion_tokens=5, temperature=0.8, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5,
+        stop=["zz"], extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1] and out.usage.completion_tokens == 10
+
+
 def test_raw_sse_format(http):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}

@@ -3,7 +3,8 @@
 LLMEngine is not thread-safe, so exactly one background thread touches it. The event loop posts commands
 (add, abort) to that thread's queue; the thread runs them between steps, steps while any request is
 unfinished, and hands each request's new text and token ids to the asyncio queue of the stream that
-asked for it. A request that fails ends with FinishReason.ERROR on its own stream; the others carry on.
+asked for it. A request that fails (a failed forward, or an exception out of step()) ends with
+FinishReason.ERROR on its own stream; the engine keeps serving the rest of the queue.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class _Choice:
 class RequestStream:
     """Async iterator over the deltas of the n choices of one submitted prompt; close() aborts what is left."""
 
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str], deltas: asyncio.Queue[RequestDelta | None]) -> None:
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str],
+                 deltas: asyncio.Queue[RequestDelta | None]) -> None:
         self.request_ids = request_ids
         self._engine, self._deltas = engine, deltas
         self._unfinished = set(range(len(request_ids)))

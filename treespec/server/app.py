@@ -65,7 +65,7 @@ def create_app(async_engine: AsyncEngine | None, tokenizer: Tokenizer | None, mo
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:  # added last = outermost, so preflight requests never need the key
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
     _add_routes(app)
     return app
 
@@ -152,7 +152,7 @@ def _parse(model: type[SamplingFields], body: bytes) -> SamplingFields:
 def _check_model(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
         raise ApiError(404, f"model {requested!r} does not exist; this server serves {served!r}",
-                       ErrorType.NOT_FOUND, param="model", code="model_not_found")
+                       param="model", code="model_not_found")
 
 
 def _chat_prompt_ids(tokenizer: Tokenizer, body: ChatCompletionRequest) -> list[int]:

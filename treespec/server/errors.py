@@ -16,7 +16,6 @@ _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")
 class ErrorType(Enum):
     INVALID_REQUEST = "invalid_request_error"
     AUTHENTICATION = "authentication_error"
-    NOT_FOUND = "not_found_error"
     RATE_LIMIT = "rate_limit_error"
     UNAVAILABLE = "service_unavailable_error"
     SERVER = "server_error"
@@ -63,8 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return from_validation_error(e).response()
 
     async def on_http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        kind = ErrorType.NOT_FOUND if e.status_code == 404 else ErrorType.INVALID_REQUEST
-        return ApiError(e.status_code, str(e.detail), kind, code=str(e.status_code)).response()
+        return ApiError(e.status_code, str(e.detail), code=str(e.status_code)).response()
 
     async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
         return ApiError(500, f"internal error: {type(e).__name__}", ErrorType.SERVER).response()
