@@ -18,25 +18,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _positive_int(s: str) -> int:
+def positive_int(s: str) -> int:
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gemma-3-270m", help="alias, HF directory or .gguf file")
     p.add_argument("--speculative-config", default=None, help="JSON, e.g. '{\"method\": \"ngram\"}'")
     p.add_argument("--ngram", action="store_true", help="shorthand for --speculative-config '{\"method\":\"ngram\"}'")
     p.add_argument("--draft-model", default=None, help="shorthand for a draft_model speculative config")
-    p.add_argument("--num-speculative-tokens", type=_positive_int, default=None, help="draft depth")
-    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--num-speculative-tokens", type=positive_int, default=None, help="draft depth")
+    p.add_argument("--max-model-len", type=positive_int, default=None)
     p.add_argument("--weight-quantization", choices=["none", "fp16", "int8"], default="none")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
 
 
-def _spec_from_args(args: argparse.Namespace) -> dict | str | None:
+def spec_from_args(args: argparse.Namespace) -> dict | str | None:
     if args.speculative_config is not None:
         if args.ngram or args.draft_model:
             raise TreespecError("give either --speculative-config or the --ngram/--draft-model shorthands")
@@ -59,9 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
-    _add_model_args(g)
+    add_model_args(g)
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=_positive_int, default=128)
+    g.add_argument("--max-tokens", type=positive_int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -86,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     from treespec.api import LLM
     from treespec.sampling import SamplingParams
-    spec = _spec_from_args(args)
+    spec = spec_from_args(args)
     if args.compare and spec is None:
         spec = {"method": "ngram"}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -28,7 +28,7 @@ def add_bench_parser(sub) -> None:
     b.set_defaults(handler=cmd_bench)
 
 
-def _parse_methods(items: list[str] | None) -> dict[str, dict | None]:
+def parse_methods(items: list[str] | None) -> dict[str, dict | None]:
     from treespec.errors import ConfigError
     methods: dict[str, dict | None] = {"plain": None}
     for item in items or ["ngram"]:
@@ -55,7 +55,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from treespec.api import LLM
     from treespec.bench.dataset import load_prompts
     prompts = load_prompts(args.dataset, args.limit)
-    methods = _parse_methods(args.method) if args.mode == "spec" else {"plain": None}
+    methods = parse_methods(args.method) if args.mode == "spec" else {"plain": None}
     t0 = time.perf_counter()
     llm = LLM(args.model, num_threads=args.threads, weight_quantization=args.weight_quantization, progress=True)
     load_s = time.perf_counter() - t0

@@ -137,7 +137,7 @@ def markdown_table(results: list[LevelResult]) -> str:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from treespec.api import LLM
-    from treespec.bench.cli import _parse_methods
+    from treespec.bench.cli import parse_methods
     from treespec.engine.async_engine import AsyncEngine
     from treespec.errors import ConfigError
     from treespec.server.app import create_app
@@ -152,7 +152,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     llm = LLM(args.model, num_threads=args.threads, weight_quantization=args.weight_quantization,
               max_num_seqs=max(levels), max_waiting=max(256, 2 * max(levels)), progress=True)
     results: list[LevelResult] = []
-    for method, spec in _parse_methods(args.method).items():
+    for method, spec in parse_methods(args.method).items():
         app = create_app(AsyncEngine(llm.make_engine(spec)), llm.tokenizer, model_name=args.model)
         with BackgroundServer(app) as server:
             for c in levels:

@@ -5,8 +5,9 @@ Plain decoding is the same loop with trees of a single node (the root).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,17 @@ from treespec.tree.build import merge_trees
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult, verify_greedy, verify_stochastic
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftOutcome:
+    """This step's trees (one per decoding request) and what the drafters need to observe the results."""
+    trees: list[TokenTree]
+    batch: list[DraftRequest] = field(default_factory=list)   # the speculating requests' draft requests
+    drafted: list[TokenTree] = field(default_factory=list)    # their trees as verified
+    index: list[int] = field(default_factory=list)            # their positions in `trees`
+
 
 @dataclass
 class StepStats:
@@ -33,6 +45,16 @@ class StepStats:
     num_accepted_tokens: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [d]: drafts accepted at depth d+1
+
+    def record(self, num_draft: int, num_accepted: int) -> None:
+        self.num_drafts += num_draft > 0
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_position) < num_accepted:
+            self.accepted_per_position += [0] * (num_accepted - len(self.accepted_per_position))
+        for d in range(num_accepted):
+            self.accepted_per_position[d] += 1
 
 
 class LLMEngine:
@@ -80,72 +102,96 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Advance every running request by one target forward; returns requests that emitted or finished."""
         plan = self.scheduler.schedule()
-        trees = self.draft(plan.decodes, plan.node_budget)
+        draft = self.draft(plan.decodes, plan.node_budget)
         t0 = time.perf_counter()
         try:
-            hiddens = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, trees)])
+            hiddens = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
             for r in plan.decodes + [c.request for c in plan.prefills]:
                 r.finish(FinishReason.ERROR, f"forward failed: {e}")
             return self._finish_step()
         for c in plan.prefills:
             c.request.metrics.prefill_time_s += time.perf_counter() - t0
-        results = self.verify(plan.decodes, trees, hiddens)
-        self.commit(plan.decodes, trees, results)
-        self.emit(plan.decodes, trees, results)
+        results = self.verify(plan.decodes, draft.trees, hiddens)
+        self.commit(plan.decodes, draft, results)
+        self.emit(plan.decodes, draft.trees, results)
         for r in plan.decodes:
             r.metrics.decode_time_s += time.perf_counter() - t0
         finished = self._finish_step()
         return plan.decodes + [r for r in finished if r not in plan.decodes]
 
-    def draft(self, requests: list[Request], node_budget: int) -> list[TokenTree]:
-        """Drafters propose trees; the cost model keeps the nodes that raise expected tokens per second."""
-        roots = [TokenTree.root(r.root_token) for r in requests]
+    def draft(self, requests: list[Request], node_budget: int) -> "DraftOutcome":
+        """Drafters propose trees; the cost model keeps the nodes that raise expected tokens per second.
+
+        Speculation is optional: a drafter that fails leaves its requests with plain (root-only) trees.
+        """
+        out = DraftOutcome([TokenTree.root(r.root_token) for r in requests])
         spec_reqs = [i for i, r in enumerate(requests) if r.speculate and self.drafters]
         if not spec_reqs:
-            return roots
+            return out
         t0 = time.perf_counter()
         batch = [self._draft_request(requests[i], node_budget) for i in spec_reqs]
-        proposals = [d.propose(batch) for d in self.drafters]
+        try:
+            proposals = [d.propose(batch) for d in self.drafters]
+        except Exception as e:  # noqa: BLE001
+            log.warning("drafting failed, verifying plain trees this step: %s", e)
+            for r in requests:
+                for d in self.drafters:
+                    d.release(r)
+            return out
         merged = [merge_trees([p[j] for p in proposals]) for j in range(len(batch))]
         self.draft_cost_s = 0.8 * self.draft_cost_s + 0.2 * (time.perf_counter() - t0)
         merged = self._size_trees(merged, node_budget - len(requests) + len(spec_reqs))
         for i, tree in zip(spec_reqs, merged):
-            roots[i] = tree
-        self._last_batch = (batch, merged, spec_reqs)
-        return roots
+            out.trees[i] = tree
+        out.batch, out.drafted, out.index = batch, merged, spec_reqs
+        return out
 
     def verify(self, requests: list[Request], trees: list[TokenTree], hiddens: list[torch.Tensor]) -> list[VerifyResult]:
-        """Score every node with the target and run the acceptance rule of each request."""
+        """Score every node with the target and run each request's acceptance rule (a failure ends that request)."""
         results = []
         for r, tree, h in zip(requests, trees, hiddens):
-            if r.params.greedy:
-                results.append(verify_greedy(tree, target_argmax(self.model, r, tree, h)))
-            else:
-                results.append(verify_stochastic(tree, target_probs(self.model, r, tree, h), r.generator))
+            try:
+                if r.params.greedy:
+                    results.append(verify_greedy(tree, target_argmax(self.model, r, tree, h)))
+                else:
+                    results.append(verify_stochastic(tree, target_probs(self.model, r, tree, h), r.generator))
+            except Exception as e:  # noqa: BLE001
+                r.finish(FinishReason.ERROR, f"verification failed: {e}")
+                results.append(VerifyResult(path=[0], bonus_token=r.root_token))
         return results
 
-    def commit(self, requests: list[Request], trees: list[TokenTree], results: list[VerifyResult]) -> None:
+    def commit(self, requests: list[Request], draft: "DraftOutcome", results: list[VerifyResult]) -> None:
         """Keep the accepted path's K/V (root included), drop the rest; tell the drafters."""
         for r, res in zip(requests, results):
             r.cache.commit(res.path)
-        if self.drafters and getattr(self, "_last_batch", None):
-            batch, merged, idx = self._last_batch
+        if draft.batch:
             for d in self.drafters:
-                d.observe(batch, merged, [results[i] for i in idx])
-            self._last_batch = None
+                try:
+                    d.observe(draft.batch, draft.drafted, [results[i] for i in draft.index])
+                except Exception as e:  # noqa: BLE001 - drafter state is rebuilt from the request next step
+                    log.warning("drafter observe failed: %s", e)
+                    for r in requests:
+                        d.release(r)
 
     def emit(self, requests: list[Request], trees: list[TokenTree], results: list[VerifyResult]) -> None:
+        """Append accepted tokens + bonus, apply stop conditions, detokenize; count speculation metrics."""
         for r, tree, res in zip(requests, trees, results):
-            accepted = tree.tokens[res.path[1:]].tolist()
-            new = emit_tokens(r, accepted + [res.bonus_token], self.tokenizer.eos_ids, self.max_len)
-            r.metrics.record_step(tree.n - 1, len(res.path) - 1)
-            r.metrics.num_generated_tokens = len(r.output_ids)
-            self.stats.num_drafts += tree.n > 1
-            self.stats.num_draft_tokens += tree.n - 1
-            self.stats.num_accepted_tokens += len(res.path) - 1
-            self.stats.num_generation_tokens += len(new)
-            apply_stop_strings(r, r.detokenizer.push(new))
+            if r.finished:  # failed in verification
+                continue
+            try:
+                accepted = tree.tokens[res.path[1:]].tolist()
+                new = emit_tokens(r, accepted + [res.bonus_token], self.tokenizer.eos_ids, self.max_len)
+                r.metrics.record_step(tree.n - 1, len(res.path) - 1)
+                r.metrics.num_generated_tokens = len(r.output_ids)
+                self.stats.record(tree.n - 1, len(res.path) - 1)
+                self.stats.num_generation_tokens += len(new)
+                text = r.detokenizer.push(new)
+                if r.finished:
+                    text += r.detokenizer.flush()
+                apply_stop_strings(r, text)
+            except Exception as e:  # noqa: BLE001
+                r.finish(FinishReason.ERROR, f"emit failed: {e}")
 
     # ---- helpers --------------------------------------------------------------------------------------------
     def _draft_request(self, r: Request, node_budget: int) -> DraftRequest:

@@ -40,10 +40,12 @@ class Scheduler:
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> Request | None:
+        """Finish the request as aborted and take it out of the queues; None if it is not here."""
         for queue in (self.waiting, self.running):
             for r in queue:
                 if r.request_id == request_id:
                     r.finish(FinishReason.ABORT)
+                    queue.remove(r)
                     return r
         return None
 
