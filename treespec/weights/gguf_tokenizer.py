@@ -100,19 +100,31 @@ def sentencepiece_merges(vocab: dict[str, int], priority: dict[str, float]) -> l
     """Every (left, right) with left, right and left+right in `vocab`, best merged token first.
 
     Ties in priority go to the longer left part, then the longer right part, then to the token listed first
-    in `priority`: the order transformers' `generate_merges` produces. Grouping by priority keeps this a
-    plain scan when priorities are distinct (Gemma: 262k tokens, 515k merges).
+    in `priority`: the order transformers' `generate_merges` produces. With distinct priorities (Gemma:
+    262k tokens, 515k merges) there are no ties and this is one scan.
     """
     ranked = sorted(priority.items(), key=lambda kv: kv[1], reverse=True)  # stable: ties keep dict order
+    if len({score for _, score in ranked}) == len(ranked):
+        return _splits([token for token, _ in ranked], vocab)
     merges: list[tuple[str, str]] = []
     for _, group in groupby(ranked, key=lambda kv: kv[1]):
-        tokens = [t for t, _ in group]
-        splits = [(t[:k], t[k:]) for t in tokens for k in range(len(t) - 1, 0, -1)
-                  if t[:k] in vocab and t[k:] in vocab]
-        if len(tokens) > 1:
-            splits.sort(key=lambda s: (len(s[0]), len(s[1])), reverse=True)
+        splits = _splits([token for token, _ in group], vocab)
+        splits.sort(key=lambda s: (len(s[0]), len(s[1])), reverse=True)
         merges.extend(splits)
     return merges
+
+
+def _splits(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """(left, right) pairs of vocabulary tokens that make up each token, longest left part first."""
+    out: list[tuple[str, str]] = []
+    for token in tokens:
+        for k in range(len(token) - 1, 0, -1):
+            left = token[:k]
+            if left in vocab:
+                right = token[k:]
+                if right in vocab:
+                    out.append((left, right))
+    return out
 
 
 def _byte_level(meta: dict[str, Any], tokens: list[str]) -> Backend:
