@@ -1,0 +1,110 @@
+"""CausalLM: the decoder stack every family shares; a family only supplies its decoder block class.
+
+forward(tokens, positions, seqs) runs one flat ragged batch: projections and MLPs over all T rows at once,
+attention per request (each has its own KV cache and mask). The model knows nothing about speculation: a
+token tree is just rows whose positions repeat and whose mask (from SeqAttention) is not a chain.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from treespec.attention import AttentionBackend, select_attention
+from treespec.attention.metadata import SeqAttention
+from treespec.errors import ModelLoadError
+from treespec.kv.cache import KVCache
+from treespec.models.config import ModelConfig
+from treespec.models.layers import Embedding, ForwardBatch, HFLoadable, RMSNorm, RotaryTable
+from treespec.models.lm_head import LMHead
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
+_LIST_AT_MOST = 6
+
+
+class CausalLM(HFLoadable):
+    """Decoder-only LM over HF weights. Subclasses set `block`: (config, layer index, attention fn) -> module
+    with forward(x [T, D], batch: ForwardBatch) -> [T, D]."""
+
+    block: type[torch.nn.Module]
+
+    def __init__(self, config: ModelConfig, attention: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        attend = select_attention(attention, config.attn_logit_softcapping)
+        with torch.device("meta"):  # weights arrive through load_state_dict_hf
+            self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.embed_scale)
+            self.layers = torch.nn.ModuleList(self.block(config, i, attend) for i in range(config.num_layers))
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+        self.rope_full = RotaryTable(config.rope, config.head_dim)
+        self.rope_local = (self.rope_full if config.rope_local == config.rope
+                           else RotaryTable(config.rope_local, config.head_dim))
+        self.lm_head: LMHead | None = None
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Final-normed hidden states [T, D] of tokens: [T] at positions: [T].
+
+        seqs: each request's rows and cache (reserve() done by the caller, which also commits).
+        layers: indices of the decoder layers to run, in order (default all; fewer for layer-skip drafting).
+        """
+        h = self.embed_tokens(tokens)
+        full = self.rope_full.lookup(positions)
+        local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions)
+        batch = ForwardBatch(seqs, positions, {False: full, True: local})
+        for i in range(self.config.num_layers) if layers is None else layers:
+            h = self.layers[i](h, batch)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
+        return self.lm_head.logits(hidden)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    def canonical_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map checkpoint names onto the text model's HF names (a family hook; identity here)."""
+        return tensors
+
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {f"model.{k}": s for k, s in super().hf_shapes().items()}
+        if not self.config.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.config.vocab_size, self.config.hidden_size)
+        return shapes
+
+    def load_state_dict_hf(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take weights from an HF-named state dict (checked first: one error lists every mismatch).
+
+        Tensors are used as fp32 without copying where possible; a tied head shares the embedding.
+        """
+        tensors = self.canonical_names(tensors)
+        expected = self.hf_shapes()
+        _check_tensors(expected, tensors, self.config)
+        get = lambda name: tensors[name].to(torch.float32)  # noqa: E731
+        super().load_hf(lambda name: get(f"model.{name}"))
+        head = self.embed_tokens.weight.detach() if self.config.tie_word_embeddings else get("lm_head.weight")
+        self.lm_head = LMHead(head, self.config.final_logit_softcapping)
+
+
+def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor],
+                   config: ModelConfig) -> None:
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected and k not in ignorable
+                  and not k.endswith(_IGNORED_SUFFIXES)]
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {s})" for k, s in expected.items()
+             if k in tensors and tuple(tensors[k].shape) != s]
+    problems = [f"{label} {len(names)}: {_first_few(names)}"
+                for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if names]
+    if problems:
+        raise ModelLoadError(f"checkpoint does not fit the {config.model_type.value} config "
+                             f"({config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(problems))
+
+
+def _first_few(names: list[str]) -> str:
+    more = " ..." if len(names) > _LIST_AT_MOST else ""
+    return ", ".join(names[:_LIST_AT_MOST]) + more
