@@ -1,0 +1,70 @@
+"""The real default model (Gemma 3 270M, GGUF Q4_K_M) against HF transformers on the same file.
+
+The reference is transformers end to end: its GGUF reader dequantizes the file and its Gemma3ForCausalLM runs
+greedy generation in fp32. treespec must produce the same tokens, with and without speculation.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treespec.api import LLM
+from treespec.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Translate to German: Good morning, how are you today?",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("gemma-3-270m", speculative_config={"method": "ngram", "budget": 8})
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(llm: LLM) -> list[list[int]]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm.model_config), torch_dtype=torch.float32)
+    state = load_gguf_checkpoint(str(llm.checkpoint_source), return_tensors=True, model_to_load=model)["tensors"]
+    missing, _ = model.load_state_dict({k: torch.as_tensor(v).float() for k, v in state.items()}, strict=False)
+    assert not [m for m in missing if m != "lm_head.weight"], missing
+    model.tie_weights()
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for p in PROMPTS:
+            ids = torch.tensor([llm.tokenizer.encode(p)])
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            outs.append(out[0, ids.shape[1]:].tolist())
+    return outs
+
+
+def _run(llm: LLM, speculate: bool) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    reqs = [llm.engine.add_request(llm.tokenizer.encode(p), params, speculate=speculate) for p in PROMPTS]
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    return [r.output_ids for r in reqs]
+
+
+def test_plain_greedy_equals_transformers(llm: LLM, hf_greedy: list[list[int]]) -> None:
+    assert _run(llm, speculate=False) == hf_greedy
+
+
+def test_speculative_greedy_equals_transformers(llm: LLM, hf_greedy: list[list[int]]) -> None:
+    assert _run(llm, speculate=True) == hf_greedy
+
+
+def test_ngram_speculation_accepts_on_a_repetitive_prompt(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    req = llm.engine.add_request(llm.tokenizer.encode(PROMPTS[2]), params)
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert req.metrics.num_accepted_tokens > 0 and req.metrics.num_steps < NEW_TOKENS
