@@ -82,5 +82,5 @@ def test_scheduler_bounds():
     with pytest.raises(QueueFullError):
         s.add(c)
     assert s.schedule().decodes == [a]  # b waits: one running at most
-    s.abort(b.request_id)
-    assert s.collect_finished() == [b] and b.finish_reason is FinishReason.ABORT
+    assert s.abort(b.request_id) is b and b.finish_reason is FinishReason.ABORT
+    assert b not in s.waiting and s.abort(b.request_id) is None
