@@ -1,0 +1,332 @@
+"""Draft-model drafting: a smaller LM sharing the target's tokenizer (SpecInfer's small speculative model, SSM).
+
+The draft keeps one KV cache per request holding the committed context except the root. A step:
+1. catch up: the committed tokens the draft has not seen yet (last step's bonus token, accepted tokens it did
+   not draft) go in as a chain, long ones in committed chunks; the last piece carries the root and stays pending;
+2. grow: the tree grows from the root one level per draft forward (static expansion <k1..km> or best-first
+   under the node budget), every request of the batch in the same forward; each level's nodes attend to the
+   pending slots of their ancestors through a tree mask;
+3. observe: the catch-up piece, the root and the accepted nodes the draft fed are committed, the rest dropped.
+q rows go through the same penalties and `logits_to_probs` as the target's p (greedy requests rank children by
+the softmax of the penalised logits: their verification only needs the draft's top-k to be good guesses).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from treespec.attention.metadata import SeqAttention
+from treespec.config import DrafterConfig
+from treespec.drafters.base import DraftRequest
+from treespec.engine.cost_model import prune_tree
+from treespec.errors import ConfigError, ModelLoadError
+from treespec.kv.cache import KVCache
+from treespec.sampling import apply_penalties, logits_to_probs
+from treespec.tree.build import draw_children
+from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
+from treespec.verify import VerifyResult
+
+_CHUNK = 256  # catch-up tokens per request per draft forward
+
+
+class Growth:
+    """One request's tree, grown level by level: `frontier` are the nodes whose q the next forward computes.
+
+    The trees are those of treespec.tree.build's expand_static / grow_best_first (the tests compare them), which
+    call a per-tree step function; stepping them here instead lets one draft forward serve every request.
+    """
+
+    def __init__(self, root: int, kind: DraftKind, generator: torch.Generator | None, drafter: int,
+                 budget: int) -> None:
+        self.tree = TokenTree.root(root)
+        self.kind, self.generator, self.drafter, self.budget = kind, generator, drafter, budget
+        self.frontier: list[int] = [0]
+
+    def extend(self, q: torch.Tensor) -> None:  # q: [len(frontier), V]
+        raise NotImplementedError
+
+    def result(self) -> TokenTree:
+        """The root and the `budget` best nodes (pruned proposals stay as dropped stages, so sampling stays exact)."""
+        return prune_tree(self.tree, self.budget)
+
+    def add_children(self, node: int, q: torch.Tensor, k: int) -> list[int]:  # q: [V]
+        """Draw k children of `node` from q and add them; returns the distinct children in draw order."""
+        row = None if self.kind is DraftKind.DETERMINISTIC else q
+        children: list[int] = []
+        for tok in draw_children(q, k, self.kind, self.generator):
+            child = self.tree.add_child(node, tok, Proposal(self.drafter, self.kind, row),
+                                        score=float(self.tree.scores[node] * q[tok]))
+            if child not in children:
+                children.append(child)
+        return children
+
+
+class StaticGrowth(Growth):
+    """SpecInfer's expansion tree: every node at depth i-1 gets expansion[i-1] children."""
+
+    def __init__(self, root: int, kind: DraftKind, generator: torch.Generator | None, drafter: int,
+                 budget: int, expansion: list[int]) -> None:
+        super().__init__(root, kind, generator, drafter, budget)
+        self.levels = list(expansion)
+        if not self.levels:
+            self.frontier = []
+
+    def extend(self, q: torch.Tensor) -> None:
+        k = self.levels.pop(0)
+        nodes = [c for row, u in zip(q, self.frontier) for c in self.add_children(u, row, k)]
+        self.frontier = nodes if self.levels else []
+
+
+class BestFirstGrowth(Growth):
+    """EAGLE-2 / SpecExec: at each depth the `branch` best new nodes (cumulative draft probability) get
+    `branch` children each; growth stops at max_depth or once `budget` nodes outscore the whole frontier."""
+
+    def __init__(self, root: int, kind: DraftKind, generator: torch.Generator | None, drafter: int,
+                 budget: int, max_depth: int, branch: int) -> None:
+        super().__init__(root, kind, generator, drafter, budget)
+        self.depth_left, self.branch = max_depth, branch
+        if max_depth <= 0:
+            self.frontier = []
+
+    def extend(self, q: torch.Tensor) -> None:
+        new = [c for row, u in zip(q, self.frontier) for c in self.add_children(u, row, self.branch)]
+        self.depth_left -= 1
+        scores = self.tree.scores
+        best = sorted(new, key=lambda i: (-float(scores[i]), i))[: self.branch]
+        if self.depth_left <= 0 or not best or int((scores[1:] >= scores[best[0]]).sum()) >= self.budget:
+            best = []
+        self.frontier = best
+
+
+@dataclass
+class DraftState:
+    """The draft's view of one request: its cache and, during a step, where each fed tree node's K/V sits."""
+    cache: KVCache
+    tail: int = 0                  # pending slots before the root's: committed tokens fed along with it
+    tree: TokenTree | None = None  # this step's grown tree (before pruning)
+    slots: dict[int, int] = field(default_factory=dict)         # fed node -> its pending slot
+    seen: dict[int, torch.Tensor] = field(default_factory=dict)  # fed node -> [slots] bool: pending slots it sees
+
+    def discard_step(self) -> None:
+        self.cache.truncate(self.cache.length)
+        self.tail, self.tree, self.slots, self.seen = 0, None, {}, {}
+
+
+@dataclass
+class _Job:
+    """One request being drafted this step."""
+    draft: DraftRequest
+    state: DraftState
+    growth: Growth
+
+
+@dataclass
+class _Feed:
+    """One request's rows in a ragged draft forward."""
+    cache: KVCache
+    tokens: list[int]
+    positions: torch.Tensor       # [n]
+    mask: torch.Tensor | None     # [n, pending] bool over the pending slots; None: a chain
+    q_rows: list[int]             # rows (from this feed's first) whose logits give the frontier's q
+
+
+class ModelDrafter:
+    """Drafts trees with a small LM; one KV cache per request, committed along the accepted path."""
+
+    def __init__(self, cfg: DrafterConfig, drafter_id: int, model: torch.nn.Module, vocab_size: int) -> None:
+        self.cfg, self.drafter_id, self.model = cfg, drafter_id, model
+        self.vocab_size = vocab_size  # the target's: q rows span the target's vocabulary
+        self.max_len = model.config.max_position_embeddings
+        self.states: dict[str, DraftState] = {}
+
+    @classmethod
+    def load(cls, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module, tokenizer) -> "ModelDrafter":
+        """Load the SSM at cfg.model; refuse one whose vocabulary differs from the target's."""
+        from treespec.models.registry import build_model
+        from treespec.weights.loader import load_checkpoint
+        try:
+            ckpt = load_checkpoint(cfg.model)
+            model = build_model(ckpt.config, ckpt.tensors)
+        except ModelLoadError as e:
+            raise ConfigError(f"model: cannot load the draft model {cfg.model!r}: {e}") from None
+        check_vocabulary(tokenizer, ckpt.tokenizer, target.config.vocab_size, model.config.vocab_size)
+        return cls(cfg, drafter_id, model, target.config.vocab_size)
+
+    # ---- protocol -------------------------------------------------------------------------------------------
+    def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
+        trees = [TokenTree.root(d.request.root_token) for d in batch]
+        jobs = {i: _Job(d, self._state(d.request), self._growth(d, depth))
+                for i, d in enumerate(batch) if (depth := self._depth(d)) > 0}
+        with torch.no_grad():
+            self._catch_up(list(jobs.values()))
+            while live := [j for j in jobs.values() if j.growth.frontier]:
+                for job, q in zip(live, self._feed(live)):
+                    job.growth.extend(q)
+        for i, j in jobs.items():
+            j.state.tree = j.growth.tree
+            trees[i] = j.growth.result()
+        return trees
+
+    def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:
+        """Commit the catch-up piece, the root and the accepted nodes this draft fed; drop the other slots."""
+        for d, tree, res in zip(batch, trees, results):
+            st = self.states.get(d.request.request_id)
+            if st is None or st.tree is None:
+                continue
+            keep = list(range(st.tail + 1))
+            node: int | None = 0
+            for tok in tree.tokens[res.path[1:]].tolist():
+                node = st.tree.find_child(node, tok)
+                if node is None or node not in st.slots:
+                    break
+                keep.append(st.slots[node])
+            st.cache.commit(keep)
+            st.discard_step()
+
+    def release(self, request) -> None:
+        self.states.pop(request.request_id, None)
+
+    # ---- planning -------------------------------------------------------------------------------------------
+    def _state(self, request) -> DraftState:
+        st = self.states.get(request.request_id)
+        if st is None:
+            st = self.states[request.request_id] = DraftState(self.model.new_cache(self.max_len))
+        st.discard_step()  # a step that was never observed leaves nothing behind
+        committed = len(request.all_ids) - 1
+        if st.cache.length > committed:
+            st.cache.truncate(committed)
+        return st
+
+    def _depth(self, d: DraftRequest) -> int:
+        """Deepest level this request may draft: config, engine limits and the draft's own context length."""
+        if d.max_nodes <= 0:
+            return 0
+        depth = min(d.max_depth, self.cfg.num_speculative_tokens)
+        if self.cfg.expansion is not None:
+            depth = min(depth, len(self.cfg.expansion))
+        room = self.max_len - len(d.request.all_ids)
+        while depth > 0 and self._max_fed(depth) > room:
+            depth -= 1
+        return depth
+
+    def _max_fed(self, depth: int) -> int:
+        """Most tree nodes below the root a tree of this depth feeds through the draft (leaves are not fed)."""
+        if self.cfg.expansion is None:
+            return (depth - 1) * self.cfg.branch
+        width, total = 1, 0
+        for k in self.cfg.expansion[: depth - 1]:
+            width *= k
+            total += width
+        return total
+
+    def _growth(self, d: DraftRequest, depth: int) -> Growth:
+        r = d.request
+        kind = DraftKind.DETERMINISTIC if r.params.greedy else DraftKind(d.sampling.value)
+        args = (r.root_token, kind, r.generator, self.drafter_id, d.max_nodes)
+        if self.cfg.expansion is not None:
+            return StaticGrowth(*args, expansion=self.cfg.expansion[:depth])
+        return BestFirstGrowth(*args, max_depth=depth, branch=self.cfg.branch)
+
+    # ---- draft forwards -------------------------------------------------------------------------------------
+    def _catch_up(self, jobs: list[_Job]) -> None:
+        """Commit all but the last `_CHUNK` unseen tokens of each request (root included), a chunk per forward."""
+        while long := [j for j in jobs if len(j.draft.request.all_ids) - j.state.cache.length > _CHUNK]:
+            feeds = []
+            for j in long:
+                cache = j.state.cache
+                ids = j.draft.request.all_ids[cache.length:cache.length + _CHUNK]
+                feeds.append(_Feed(cache, ids, torch.arange(cache.length, cache.length + len(ids)), None, []))
+            self._forward(feeds)
+            for f in feeds:
+                f.cache.commit()
+
+    def _feed(self, jobs: list[_Job]) -> list[torch.Tensor]:
+        """One draft forward over every job's frontier; returns each job's q rows [len(frontier), V]."""
+        feeds = [self._frontier_feed(j) for j in jobs]
+        hidden = self._forward(feeds)
+        starts = itertools.accumulate((len(f.tokens) for f in feeds), initial=0)
+        rows = [s + i for f, s in zip(feeds, starts) for i in f.q_rows]
+        logits = fit_vocabulary(self.model.logits(hidden[rows]), self.vocab_size)
+        qs, at = [], 0
+        for j in jobs:
+            n = len(j.growth.frontier)
+            qs.append(self._probs(j, logits[at:at + n]))
+            at += n
+        return qs
+
+    def _frontier_feed(self, job: _Job) -> _Feed:
+        """Feed a job's frontier: at the root, the unseen committed tokens then the root (a chain); below it, the
+        frontier nodes, each seeing the catch-up slots and its ancestors' pending slots."""
+        st, tree, nodes = job.state, job.growth.tree, job.growth.frontier
+        cache = st.cache
+        if nodes == [0]:
+            ids = job.draft.request.all_ids[cache.length:]
+            st.tail = len(ids) - 1
+            st.slots[0] = st.tail
+            st.seen[0] = torch.ones(st.tail + 1, dtype=torch.bool)
+            return _Feed(cache, ids, torch.arange(cache.length, cache.length + len(ids)), None, [st.tail])
+        first = cache.pending
+        mask = torch.zeros(len(nodes), first + len(nodes), dtype=torch.bool)
+        for k, u in enumerate(nodes):
+            seen = st.seen[int(tree.parents[u])]
+            mask[k, : seen.numel()] = seen
+            mask[k, first + k] = True
+            st.seen[u], st.slots[u] = mask[k], first + k
+        positions = cache.length + st.tail + tree.depth[nodes]
+        return _Feed(cache, tree.tokens[nodes].tolist(), positions, mask, list(range(len(nodes))))
+
+    def _forward(self, feeds: list[_Feed]) -> torch.Tensor:
+        """One ragged draft forward over every feed; returns hidden states [T, D]."""
+        seqs, start = [], 0
+        for f in feeds:
+            f.cache.reserve(len(f.tokens), f.positions)
+            seqs.append(SeqAttention(f.cache, start, len(f.tokens), f.mask))
+            start += len(f.tokens)
+        tokens = torch.tensor([t for f in feeds for t in f.tokens], dtype=torch.long)
+        return self.model(tokens, torch.cat([f.positions for f in feeds]), seqs)
+
+    def _probs(self, job: _Job, logits: torch.Tensor) -> torch.Tensor:
+        """q at the job's frontier nodes: logits [n, V] processed like the target's p."""
+        r, tree = job.draft.request, job.growth.tree
+        params = r.params
+        if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            histories = [r.output_ids + tree.tokens[tree.path_to(u)[1:]].tolist() for u in job.growth.frontier]
+            logits = apply_penalties(logits, params, r.prompt_ids, histories)
+        if params.greedy:
+            return torch.softmax(logits.float(), dim=-1)
+        return logits_to_probs(logits, params)
+
+
+# ---- vocabulary -------------------------------------------------------------------------------------------
+def check_vocabulary(target_tokenizer, draft_tokenizer, target_rows: int, draft_rows: int) -> None:
+    """Refuse a draft whose token ids name other tokens than the target's (ConfigError naming `model`).
+
+    The embedding tables may differ in padding rows (Qwen2.5 0.5B vs 7B) as long as every real token has a
+    row in both; without tokenizers to compare, the tables must have the same size.
+    """
+    if target_tokenizer is None or draft_tokenizer is None:
+        if target_rows != draft_rows:
+            raise ConfigError(f"model: the draft's vocabulary has {draft_rows} tokens, the target's {target_rows}")
+        return
+    n_target, n_draft = target_tokenizer.vocab_size, draft_tokenizer.vocab_size
+    if n_target != n_draft:
+        raise ConfigError(f"model: the draft's tokenizer has {n_draft} tokens, the target's {n_target}; "
+                          "a draft model must share the target's tokenizer")
+    for i in range(n_target):
+        if target_tokenizer.id_to_token(i) != draft_tokenizer.id_to_token(i):
+            raise ConfigError(f"model: token {i} is {draft_tokenizer.id_to_token(i)!r} for the draft but "
+                              f"{target_tokenizer.id_to_token(i)!r} for the target; they must share a tokenizer")
+    if n_target > min(target_rows, draft_rows):
+        raise ConfigError(f"model: the tokenizer has {n_target} tokens but the draft's embedding only "
+                          f"{draft_rows} rows and the target's {target_rows}")
+
+
+def fit_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft logits [n, V_draft] -> [n, vocab_size]: padding rows beyond the tokenizer cut, or never proposed."""
+    have = logits.shape[-1]
+    if have >= vocab_size:
+        return logits[:, :vocab_size]
+    pad = logits.new_full((logits.shape[0], vocab_size - have), float("-inf"))
+    return torch.cat([logits, pad], dim=-1)
