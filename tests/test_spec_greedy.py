@@ -34,7 +34,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     spec = tiny_llama(VOCAB, seed=0)
-    return {"target": build(spec), "draft_a": perturbed(spec, 0.3, seed=1), "draft_b": perturbed(spec, 0.5, seed=2)}
+    return {"target": build(spec), "draft_a": perturbed(spec, 0.1, seed=1), "draft_b": perturbed(spec, 0.25, seed=2)}
 
 
 def make_drafters(spec: SpecConfig, models: dict[str, torch.nn.Module]):
