@@ -51,6 +51,7 @@ class LLM:
         if config.weight_quantization is not WeightQuantization.NONE:
             from treespec.models.quant import quantize_linears
             quantize_linears(target, config.weight_quantization)
+        target.lm_head.prepare()  # the exact fast argmax's fp16 copy: built once here, not inside a timed step
         self.tokenizer = ckpt.tokenizer
         self.target, self.config = target, config
         self._cost: CostModel | None = None

@@ -47,11 +47,15 @@ class CostModel:
     @torch.inference_mode()
     def measure(cls, model: torch.nn.Module, prefix: int = 128, repeats: int = 3) -> "CostModel":
         from treespec.attention.metadata import single
+        # Ordinary text tokens: degenerate inputs (all pad) make the head's exact argmax take its slow path.
+        vocab = model.config.vocab_size
+        tokens = torch.randint(min(100, vocab - 1), vocab, (prefix + max(GRID) + 1,),
+                               generator=torch.Generator().manual_seed(0))
         cache = model.new_cache(prefix + max(GRID) + 1)
         cache.reserve(prefix)
-        model(torch.zeros(prefix, dtype=torch.long), torch.arange(prefix), single(cache, prefix))
+        model(tokens[:prefix], torch.arange(prefix), single(cache, prefix))
         cache.commit()
-        model.lm_head.argmax(model(torch.zeros(1, dtype=torch.long), torch.tensor([prefix]), single(cache, 1)))
+        model.lm_head.argmax(model(tokens[prefix:prefix + 1], torch.tensor([prefix]), single(cache, 1)))
         cache.truncate(prefix)  # warm-up: the head's fast path is prepared on first use
         points = {}
         for n in GRID:
@@ -59,7 +63,7 @@ class CostModel:
             for _ in range(repeats):
                 t = time.perf_counter()
                 cache.reserve(n)
-                h = model(torch.zeros(n, dtype=torch.long), prefix + torch.arange(n), single(cache, n))
+                h = model(tokens[prefix:prefix + n], prefix + torch.arange(n), single(cache, n))
                 model.lm_head.argmax(h)
                 best = min(best, time.perf_counter() - t)
                 cache.truncate(prefix)

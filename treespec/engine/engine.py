@@ -130,7 +130,8 @@ class LLMEngine:
         if not spec_reqs:
             return out
         t0 = time.perf_counter()
-        batch = [self._draft_request(requests[i], node_budget) for i in spec_reqs]
+        share = max(0, (node_budget - len(requests)) // len(spec_reqs))  # draft nodes per speculating request
+        batch = [self._draft_request(requests[i], share) for i in spec_reqs]
         try:
             proposals = [d.propose(batch) for d in self.drafters]
         except Exception as e:  # noqa: BLE001
@@ -139,7 +140,7 @@ class LLMEngine:
                 for d in self.drafters:
                     d.release(r)
             return out
-        merged = [merge_trees([p[j] for p in proposals]) for j in range(len(batch))]
+        merged = proposals[0] if len(proposals) == 1 else [merge_trees(list(ts)) for ts in zip(*proposals)]
         self.draft_cost_s = 0.8 * self.draft_cost_s + 0.2 * (time.perf_counter() - t0)
         merged = self._size_trees(merged, node_budget - len(requests) + len(spec_reqs))
         for i, tree in zip(spec_reqs, merged):
@@ -194,17 +195,17 @@ class LLMEngine:
                 r.finish(FinishReason.ERROR, f"emit failed: {e}")
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def _draft_request(self, r: Request, node_budget: int) -> DraftRequest:
+    def _draft_request(self, r: Request, max_nodes: int) -> DraftRequest:
         depth = min(self.spec.max_depth, self.max_len - len(r.all_ids) - 1,
                     r.params.max_tokens - len(r.output_ids) - 1)
-        return DraftRequest(r, max_nodes=max(0, min(node_budget - 1, self.spec.budget or 64)),
+        return DraftRequest(r, max_nodes=max(0, min(max_nodes, self.spec.budget or 64)),
                             max_depth=max(0, depth),
                             sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling)
 
     def _size_trees(self, trees: list[TokenTree], node_budget: int) -> list[TokenTree]:
         if self.spec.budget is not None or self.cost_model is None:
-            limit = self.spec.budget or node_budget
-            return [prune_tree(t, min(limit, max(0, node_budget // len(trees) - 1))) for t in trees]
+            share = max(0, (node_budget - len(trees)) // len(trees))
+            return [prune_tree(t, min(self.spec.budget or share, share)) for t in trees]
         scores = [torch.sort(t.scores[1:], descending=True).values for t in trees]
         counts = allocate_nodes(scores, self.cost_model, self.draft_cost_s, node_budget)
         return [prune_tree(t, k) for t, k in zip(trees, counts)]
