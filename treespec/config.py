@@ -58,17 +58,19 @@ def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
 @dataclass
 class DrafterConfig:
     method: DrafterMethod
-    num_speculative_tokens: int = 6          # tree depth this drafter proposes
+    num_speculative_tokens: int | None = None  # tree depth this drafter proposes (default: ngram 8, model 5)
     model: str | None = None                 # draft_model: path or alias of the SSM
     expansion: list[int] | None = None       # draft_model: static expansion <k1..km>; None = best-first under budget
     branch: int = 4                          # draft_model best-first: children considered per expanded node
     prompt_lookup_min: int = 1               # ngram: shortest suffix matched
-    prompt_lookup_max: int = 4               # ngram: longest suffix matched
-    max_continuations: int = 4               # ngram: distinct continuations merged into one tree
+    prompt_lookup_max: int = 5               # ngram: longest suffix matched (vLLM's default)
+    max_continuations: int = 8               # ngram: distinct continuations merged into one tree
     corpus: str | None = None                # ngram: optional static corpus text file (lowest-locality database)
 
     def __post_init__(self) -> None:
         self.method = _enum(DrafterMethod, self.method, "method")
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = 8 if self.method is DrafterMethod.NGRAM else 5
         _check_int(self.num_speculative_tokens, "num_speculative_tokens", 1, 64)
         _check_int(self.branch, "branch", 1, 64)
         _check_int(self.prompt_lookup_min, "prompt_lookup_min", 1, 64)

@@ -39,21 +39,19 @@ class NgramIndex:
             for n in range(self.n_min, min(self.n_max, end) + 1):
                 self.table[tuple(toks[end - n:end])].append(end)
 
-    def continuations(self, suffix: list[int], depth: int, limit: int, exclude_end: int | None = None
-                      ) -> list[list[int]]:
-        """Up to `limit` distinct continuations of the longest matching suffix, most recent occurrence first."""
-        found: list[list[int]] = []
+    def continuations(self, suffix: list[int], depth: int, limit: int) -> list[tuple[list[int], int]]:
+        """Up to `limit` distinct (continuation, match length) pairs: longest suffix match first, then the most
+        recent occurrence first. Shorter matches add alternative branches that the cost model may keep."""
+        found: list[tuple[list[int], int]] = []
+        seen: set[tuple[int, ...]] = set()
         for n in range(min(self.n_max, len(suffix)), self.n_min - 1, -1):
             for end in reversed(self.table.get(tuple(suffix[-n:]), ())):
-                if end == exclude_end or end >= len(self.tokens):
-                    continue
                 cont = self.tokens[end:end + depth]
-                if cont and cont not in found:
-                    found.append(cont)
+                if cont and tuple(cont) not in seen:
+                    seen.add(tuple(cont))
+                    found.append((cont, n))
                     if len(found) >= limit:
                         return found
-            if found:
-                return found  # a longer match is more specific; don't dilute it with shorter ones
         return found
 
 
@@ -100,27 +98,31 @@ class NgramDrafter:
         idx.extend(ctx[len(idx.tokens):])
         depth = min(d.max_depth, self.cfg.num_speculative_tokens)
         limit = self.cfg.max_continuations
-        conts = idx.continuations(ctx, depth, limit, exclude_end=len(ctx))
+        conts = idx.continuations(ctx, depth, limit)
         for db in (self.generated, self.corpus):
             if len(conts) >= limit or db is None:
                 break
-            conts += [c for c in db.continuations(ctx, depth, limit - len(conts)) if c not in conts]
+            have = {tuple(c) for c, _ in conts}
+            conts += [(c, n) for c, n in db.continuations(ctx, depth, limit - len(conts)) if tuple(c) not in have]
         return self._trie(tree, conts, d.max_nodes)
 
-    def _trie(self, tree: TokenTree, conts: list[list[int]], max_nodes: int) -> TokenTree:
-        """Merge continuations into the tree, scoring each node by share x per-depth acceptance."""
-        counts: dict[int, int] = defaultdict(int)
-        for cont in conts:
-            node = 0
+    def _trie(self, tree: TokenTree, conts: list[tuple[list[int], int]], max_nodes: int) -> TokenTree:
+        """Merge continuations into the tree. A node's score: the match-length-weighted share of continuations
+        through it (relative to its parent) times the observed acceptance rate at its depth, down the path."""
+        weight: dict[int, float] = defaultdict(float)
+        total = 0.0
+        for cont, n in conts:
+            node, w = 0, float(n * n)  # a longer match predicts better
+            total += w
             for t in cont:
                 if tree.n - 1 >= max_nodes and tree.find_child(node, t) is None:
                     break
                 node = tree.add_child(node, t, Proposal(self.drafter_id, DraftKind.DETERMINISTIC, None))
-                counts[node] += 1
+                weight[node] += w
         scores = [1.0] * tree.n
         for i in range(1, tree.n):
             parent = int(tree.parents[i])
-            share = counts[i] / max(1, counts[parent] if parent > 0 else len(conts))
+            share = weight[i] / (weight[parent] if parent > 0 else total)
             scores[i] = scores[parent] * share * self.depth_rate[int(tree.depth[i]) - 1]
         tree.scores = torch.tensor(scores)
         return tree

@@ -55,6 +55,7 @@ class CostModel:
         cache.reserve(prefix)
         model(tokens[:prefix], torch.arange(prefix), single(cache, prefix))
         cache.commit()
+        cache.reserve(1)
         model.lm_head.argmax(model(tokens[prefix:prefix + 1], torch.tensor([prefix]), single(cache, 1)))
         cache.truncate(prefix)  # warm-up: the head's fast path is prepared on first use
         points = {}

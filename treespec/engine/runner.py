@@ -52,9 +52,10 @@ class ModelRunner:
         tree_rows = []
         for w in trees:
             n, cache = w.tree.n, w.request.cache
-            cache.reserve(n)
+            pos = cache.length + w.tree.depth
+            cache.reserve(n, pos)
             tokens.append(w.tree.tokens)
-            positions.append(cache.length + w.tree.depth)
+            positions.append(pos)
             mask = w.tree.ancestor_mask() if n > 1 else None
             seqs.append(SeqAttention(cache=cache, start=start, n=n, tree_mask=mask))
             tree_rows.append((start, n))
