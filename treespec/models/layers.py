@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from treespec.attention import AttentionFn
 from treespec.attention.metadata import SeqAttention
 from treespec.models.config import Activation, ModelConfig, RopeConfig, RopeType
+from treespec.models.matmul import few_rows_linear
 
 Getter = Callable[[str], torch.Tensor]  # HF tensor name (relative to the module) -> fp32 tensor
 
@@ -51,18 +52,13 @@ _MM_MAX_ROWS = 64  # up to here (decode, token trees) the transposed product win
 
 
 class Linear(nn.Linear):
-    """nn.Linear that computes few rows as (W @ x^T)^T: this CPU's BLAS runs that 1.5-2x faster than
-    F.linear for 2-64 rows (the verify-a-tree case), while F.linear stays better for long prefills."""
+    """nn.Linear that computes few rows (decode, token trees) with `few_rows_linear`; F.linear stays better
+    for long prefills."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out]
         if x.shape[0] > _MM_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
-        if x.shape[0] == 1:
-            # One row would go to BLAS's matrix-vector kernel, which streams the weights ~2x slower here than
-            # the matrix-matrix kernel does for two rows (36 vs 20 ms per Gemma 3 270M forward): compute two.
-            y = torch.mm(self.weight, torch.cat([x, x]).t())[:, :1].t()
-        else:
-            y = torch.mm(self.weight, x.t()).t()
+        y = few_rows_linear(self.weight, x)
         if self.bias is not None:
             y = y + self.bias
         return y.contiguous()

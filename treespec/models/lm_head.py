@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from treespec.models.matmul import few_rows_linear
+
 _U32 = 2.0 ** -24                 # unit roundoff of fp32
 _U64 = 2.0 ** -53                 # unit roundoff of fp64
 _FP16_MAX = 65504.0               # fbgemm saturates weights to the fp16 range
@@ -178,8 +180,8 @@ class LMHead:
         return self.weight.numel() * (2 if self.screen_wanted else 4)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32
-        """Exact fp32 logits (softcapped if configured). mm(W, h^T) beats F.linear by 2-4x on this CPU for T > 1."""
-        z = torch.mm(self.weight, h.t()).t().contiguous()
+        """Exact fp32 logits (softcapped if configured), through `few_rows_linear` (2-4x faster than F.linear)."""
+        z = few_rows_linear(self.weight, h).contiguous()
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
