@@ -86,6 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args: argparse.Namespace) -> int:
     from treespec.api import LLM
     from treespec.sampling import SamplingParams
+    if not args.prompt:
+        raise TreespecError("prompt: is empty")
     spec = spec_from_args(args)
     if args.compare and spec is None:
         spec = {"method": "ngram"}

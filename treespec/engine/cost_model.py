@@ -19,29 +19,38 @@ import torch
 from treespec.tree.token_tree import TokenTree
 
 GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+_VERSION = 2  # bump when the forward's speed changes enough to invalidate cached measurements
 
 
-class CostModel:
-    """c(n): seconds of one target forward (and LM-head argmax) over n query tokens, piecewise linear."""
+class CostCurve:
+    """c(n): seconds of one target forward plus its head over n query tokens, piecewise linear."""
 
     def __init__(self, points: dict[int, float]) -> None:
         self.ns = sorted(points)
-        self.ts = []
+        self.ts: list[float] = []
         for n in self.ns:  # more nodes never cost less: smooth out timing noise
             self.ts.append(max([points[n]] + self.ts[-1:]))
 
-    def cost(self, n: int) -> float:
+    def __call__(self, n: int) -> float:
         ns, ts = self.ns, self.ts
         if n <= ns[0]:
             return ts[0]
-        i = bisect.bisect_left(ns, n)
-        if i == len(ns):  # extrapolate with the last slope
-            i = len(ns) - 1
+        i = min(bisect.bisect_left(ns, n), len(ns) - 1)  # past the grid: extrapolate with the last slope
         n0, n1, t0, t1 = ns[i - 1], ns[i], ts[i - 1], ts[i]
         return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
 
     def as_dict(self) -> dict[int, float]:
         return dict(zip(self.ns, self.ts))
+
+
+class CostModel:
+    """Verify cost for greedy requests (the head's exact fast argmax) and sampling ones (full fp32 logits)."""
+
+    def __init__(self, greedy: dict[int, float], sampled: dict[int, float]) -> None:
+        self.greedy, self.sampled = CostCurve(greedy), CostCurve(sampled)
+
+    def as_dict(self) -> dict[str, dict[int, float]]:
+        return {"greedy": self.greedy.as_dict(), "sampled": self.sampled.as_dict()}
 
     @classmethod
     @torch.inference_mode()
@@ -55,31 +64,30 @@ class CostModel:
         cache.reserve(prefix)
         model(tokens[:prefix], torch.arange(prefix), single(cache, prefix))
         cache.commit()
-        cache.reserve(1)
-        model.lm_head.argmax(model(tokens[prefix:prefix + 1], torch.tensor([prefix]), single(cache, 1)))
-        cache.truncate(prefix)  # warm-up: the head's fast path is prepared on first use
-        points = {}
-        for n in GRID:
-            best = float("inf")
-            for _ in range(repeats):
-                t = time.perf_counter()
-                cache.reserve(n)
-                h = model(tokens[prefix:prefix + n], prefix + torch.arange(n), single(cache, n))
-                model.lm_head.argmax(h)
-                best = min(best, time.perf_counter() - t)
-                cache.truncate(prefix)
-            points[n] = best
-        return cls(points)
+        curves: dict[str, dict[int, float]] = {"greedy": {}, "sampled": {}}
+        heads = {"greedy": model.lm_head.argmax, "sampled": model.lm_head.logits}
+        for n in (1,) + GRID:  # the first n=1 round is a warm-up and is overwritten
+            for name, head in heads.items():
+                best = float("inf")
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    cache.reserve(n)
+                    head(model(tokens[prefix:prefix + n], prefix + torch.arange(n), single(cache, n)))
+                    best = min(best, time.perf_counter() - t)
+                    cache.truncate(prefix)
+                curves[name][n] = best
+        return cls(**curves)
 
     @classmethod
     def load_or_measure(cls, model: torch.nn.Module, key: str) -> "CostModel":
         """Measure once per model, device and thread count; cached under ~/.cache/treespec."""
-        tag = f"{key}|{torch.get_num_threads()}|{torch.__version__}"
+        tag = f"{key}|{torch.get_num_threads()}|{torch.__version__}|{_VERSION}"
         digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
         path = Path(os.environ.get("TREESPEC_CACHE", Path.home() / ".cache" / "treespec")) / f"cost-{digest}.json"
         try:
-            return cls({int(k): float(v) for k, v in json.loads(path.read_text()).items()})
-        except (OSError, ValueError):
+            raw = json.loads(path.read_text())
+            return cls(**{k: {int(n): float(t) for n, t in v.items()} for k, v in raw.items()})
+        except (OSError, ValueError, TypeError):
             pass
         cm = cls.measure(model)
         try:
@@ -90,7 +98,7 @@ class CostModel:
         return cm
 
 
-def allocate_nodes(scores: list[torch.Tensor], cost: CostModel, draft_cost: float, budget: int) -> list[int]:
+def allocate_nodes(scores: list[torch.Tensor], cost: CostCurve, draft_cost: float, budget: int) -> list[int]:
     """How many draft nodes (excluding roots) each tree keeps.
 
     scores: per request, [n_draft] scores of its draft nodes in descending order (parents first on ties).
@@ -100,10 +108,10 @@ def allocate_nodes(scores: list[torch.Tensor], cost: CostModel, draft_cost: floa
     gains = sorted(((float(s), r) for r, row in enumerate(scores) for s in row.tolist()), key=lambda x: -x[0])
     n = len(scores)
     expected = float(n)
-    best_rate, best_k = expected / (cost.cost(n) + draft_cost), 0
+    best_rate, best_k = expected / (cost(n) + draft_cost), 0
     for k, (g, _) in enumerate(gains[: max(0, budget - n)], start=1):
         expected += g
-        rate = expected / (cost.cost(n + k) + draft_cost)
+        rate = expected / (cost(n + k) + draft_cost)
         if rate > best_rate:
             best_rate, best_k = rate, k
     for _, r in gains[:best_k]:

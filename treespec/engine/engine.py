@@ -142,7 +142,7 @@ class LLMEngine:
             return out
         merged = proposals[0] if len(proposals) == 1 else [merge_trees(list(ts)) for ts in zip(*proposals)]
         self.draft_cost_s = 0.8 * self.draft_cost_s + 0.2 * (time.perf_counter() - t0)
-        merged = self._size_trees(merged, node_budget - len(requests) + len(spec_reqs))
+        merged = self._size_trees([requests[i] for i in spec_reqs], merged, node_budget - len(requests) + len(spec_reqs))
         for i, tree in zip(spec_reqs, merged):
             out.trees[i] = tree
         out.batch, out.drafted, out.index = batch, merged, spec_reqs
@@ -156,7 +156,9 @@ class LLMEngine:
                 if r.params.greedy:
                     results.append(verify_greedy(tree, target_argmax(self.model, r, tree, h)))
                 else:
-                    results.append(verify_stochastic(tree, target_probs(self.model, r, tree, h), r.generator))
+                    k0 = len(r.output_ids)
+                    results.append(verify_stochastic(tree, target_probs(self.model, r, tree, h), r.generator,
+                                                     position_uniform=lambda d, r=r, k0=k0: r.output_uniform(k0 + d)))
             except Exception as e:  # noqa: BLE001
                 r.finish(FinishReason.ERROR, f"verification failed: {e}")
                 results.append(VerifyResult(path=[0], bonus_token=r.root_token))
@@ -202,12 +204,14 @@ class LLMEngine:
                             max_depth=max(0, depth),
                             sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling)
 
-    def _size_trees(self, trees: list[TokenTree], node_budget: int) -> list[TokenTree]:
+    def _size_trees(self, requests: list[Request], trees: list[TokenTree], node_budget: int) -> list[TokenTree]:
         if self.spec.budget is not None or self.cost_model is None:
             share = max(0, (node_budget - len(trees)) // len(trees))
             return [prune_tree(t, min(self.spec.budget or share, share)) for t in trees]
         scores = [torch.sort(t.scores[1:], descending=True).values for t in trees]
-        counts = allocate_nodes(scores, self.cost_model, self.draft_cost_s, node_budget)
+        sampling = any(not r.params.greedy for r in requests)
+        curve = self.cost_model.sampled if sampling else self.cost_model.greedy
+        counts = allocate_nodes(scores, curve, self.draft_cost_s, node_budget)
         return [prune_tree(t, k) for t, k in zip(trees, counts)]
 
     def _finish_step(self) -> list[Request]:

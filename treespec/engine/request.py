@@ -77,6 +77,13 @@ class Request:
 
     def __post_init__(self) -> None:
         self.generator = make_generator(self.params.seed)
+        base = self.params.seed if self.params.seed is not None else int(torch.randint(0, 2**62, ()))
+        self._uniform_seed = base
+
+    def output_uniform(self, k: int) -> float:
+        """The uniform that samples output token k (fixed per seed and position, whatever the tree shape)."""
+        g = torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63)
+        return float(torch.rand((), generator=g, dtype=torch.float64))
 
     @property
     def all_ids(self) -> list[int]:

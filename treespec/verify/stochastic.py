@@ -10,11 +10,18 @@ TokenTree.stages), each with its own uniform:
 A repeated token is rejected for sure (cur(x) is already 0), but its residual update is still applied.
 An accepted stage moves to its child (or, for a pruned child, emits its token as the bonus and stops).
 If every stage is rejected, or u is a leaf, the bonus token is drawn from cur with a fresh uniform.
+
+Nodes whose stages are all DETERMINISTIC (n-gram drafts, top-k children, leaves, plain decoding) may instead
+use the equivalent "naive sampling" form: draw y ~ p(.|u) by inverse CDF and descend into the child with
+token y if there is one, else emit y. With `position_uniform` the uniform for the token at output position k
+is fixed in advance, so a seeded request emits exactly what plain seeded sampling would, whatever the tree.
 Each stage is one-draft speculative sampling of cur, so by induction the emitted tokens follow p exactly,
 provided every proposal was drawn from its q independently of the earlier ones and the order was fixed
 before drawing. A residual with zero mass (rounding when cur == q) falls back to p(.|u).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -62,12 +69,25 @@ class NodeRule:
             self.swor_q[stage.proposal.drafter] = _normalize(rest, fallback=rest)
 
 
-def verify_stochastic(tree: TokenTree, p: torch.Tensor, generator: torch.Generator | None = None) -> VerifyResult:
-    """p: [n, V] processed target probabilities at every node. Emits exactly the target's distribution."""
+def verify_stochastic(tree: TokenTree, p: torch.Tensor, generator: torch.Generator | None = None,
+                      position_uniform: Callable[[int], float] | None = None) -> VerifyResult:
+    """p: [n, V] processed target probabilities at every node. Emits exactly the target's distribution.
+
+    position_uniform(d): the uniform for the token emitted after a node at depth d (see module doc).
+    """
     path = [0]
     while True:
-        rule = NodeRule(p[path[-1]])
-        for stage in tree.stages(path[-1]):
+        u = path[-1]
+        stages = tree.stages(u)
+        if position_uniform is not None and all(_one_hot(s) for s in stages):
+            y = sample_inverse_cdf(p[u], position_uniform(int(tree.depth[u])))
+            child = next((s.child for s in stages if s.token == y), None)
+            if child is None:
+                return VerifyResult(path, y)
+            path.append(child)
+            continue
+        rule = NodeRule(p[u])
+        for stage in stages:
             if _uniform(generator) < rule.accept_prob(stage):
                 if stage.child is None:
                     return VerifyResult(path, stage.token)
@@ -76,6 +96,10 @@ def verify_stochastic(tree: TokenTree, p: torch.Tensor, generator: torch.Generat
             rule.reject(stage)
         else:
             return VerifyResult(path, sample_inverse_cdf(rule.cur, _uniform(generator)))
+
+
+def _one_hot(stage: Stage) -> bool:
+    return stage.proposal.kind is DraftKind.DETERMINISTIC or stage.proposal.q is None
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: float) -> int:
