@@ -31,7 +31,7 @@ def llm() -> LLM:
 def hf_greedy(llm: LLM) -> list[list[int]]:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm.model_config), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**llm.model_config), dtype=torch.float32)
     state = load_gguf_checkpoint(str(llm.checkpoint_source), return_tensors=True, model_to_load=model)["tensors"]
     missing, _ = model.load_state_dict({k: torch.as_tensor(v).float() for k, v in state.items()}, strict=False)
     assert not [m for m in missing if m != "lm_head.weight"], missing

@@ -38,7 +38,7 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def bytes_per_step(model: torch.nn.Module) -> int:
     """Weight bytes a batch-1 decode step reads: every layer weight once, the head as its fast path stores it."""
-    total = 0
+    total = sum(getattr(m, "weight_nbytes", 0) for m in model.modules())  # packed quantized linears
     seen: set[int] = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.data_ptr() in seen or "embed" in name or "rope" in name or "cos" in name or "sin" in name:
@@ -66,7 +66,7 @@ def build_hf_model(llm: LLM) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(llm.model_config)
     hf_cfg = AutoConfig.for_model(**cfg)
-    model = AutoModelForCausalLM.from_config(hf_cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
     from treespec.weights.loader import load_checkpoint
     state = load_checkpoint(str(llm.checkpoint_source)).tensors
     missing, unexpected = model.load_state_dict(state, strict=False)
