@@ -84,3 +84,18 @@ def test_scheduler_bounds():
     assert s.schedule().decodes == [a]  # b waits: one running at most
     assert s.abort(b.request_id) is b and b.finish_reason is FinishReason.ABORT
     assert b not in s.waiting and s.abort(b.request_id) is None
+
+
+def test_kv_budget_is_never_overcommitted():
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8, kv_budget_tokens=100, tree_slots=5)
+    a, b = _req(max_tokens=40, prompt=range(10)), _req(max_tokens=40, prompt=range(10))  # 55 slots each
+    s.add(a)
+    s.add(b)
+    assert s.schedule().prefills[0].request is a and s.running == [a] and list(s.waiting) == [b]
+    a.finish(FinishReason.STOP)
+    s.collect_finished()
+    s.schedule()
+    assert s.running == [b]
+    from treespec.errors import ConfigError
+    with pytest.raises(ConfigError, match="KV budget"):
+        s.add(_req(max_tokens=200))

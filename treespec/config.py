@@ -153,6 +153,7 @@ class EngineConfig:
     max_num_seqs: int = 16                    # running requests at once
     max_num_batched_tokens: int = 512         # per-step token budget (prefill chunks + tree nodes)
     max_waiting: int = 256                    # waiting-queue bound; beyond it submit() is refused
+    kv_cache_bytes: int = 4 << 30             # KV memory all running requests may hold together
     weight_quantization: WeightQuantization = WeightQuantization.NONE
     num_threads: int | None = None            # torch intra-op threads; None = torch's default
 
@@ -164,6 +165,7 @@ class EngineConfig:
         _check_int(self.max_num_seqs, "max_num_seqs", 1, 4096)
         _check_int(self.max_num_batched_tokens, "max_num_batched_tokens", 16)
         _check_int(self.max_waiting, "max_waiting", 0)
+        _check_int(self.kv_cache_bytes, "kv_cache_bytes", 1 << 20)
         self.weight_quantization = _enum(WeightQuantization, self.weight_quantization, "weight_quantization")
         if self.num_threads is not None:
             _check_int(self.num_threads, "num_threads", 1, 1024)

@@ -67,7 +67,11 @@ class LLMEngine:
         self.runner = ModelRunner(model)
         self.max_len = min(config.max_model_len or model.config.max_position_embeddings,
                            model.config.max_position_embeddings)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+        c = model.config
+        slot_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # fp32 K and V of one token
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+                                   kv_budget_tokens=config.kv_cache_bytes // slot_bytes,
+                                   tree_slots=(self.spec.budget or 64) + 1 if self.spec.enabled else 1)
         self.cost_model = cost_model
         self.draft_cost_s = 0.0  # moving average of the draft phase, charged against tree size
         self.stats = StepStats()

@@ -4,6 +4,9 @@ Invariant: each running request's cache catches up with its tokens. A request's 
 token but the last (prefilled in chunks within the per-step token budget); from then on each step verifies
 one tree rooted at its last emitted token, which commits at least that root. Prefill, plain decoding
 (a tree of one node) and speculation are the same case: tokens not yet in the cache enter it.
+
+KV memory is never over-committed: a request is admitted only while the worst case of every running request
+(prompt + max_tokens + one tree's slots) fits the KV budget, so a running request can always finish.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 
 from treespec.engine.request import FinishReason, Request, RequestStatus
 from treespec.engine.runner import PrefillChunk
-from treespec.errors import TreespecError
+from treespec.errors import ConfigError, TreespecError
 
 
 class QueueFullError(TreespecError):
@@ -27,14 +30,24 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int) -> None:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_waiting: int,
+                 kv_budget_tokens: int | None = None, tree_slots: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
         self.max_waiting = max_waiting
+        self.kv_budget = kv_budget_tokens  # cache slots all running requests may hold together; None = unbounded
+        self.tree_slots = tree_slots       # pending slots one verification may add beyond the committed tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
+    def kv_need(self, request: Request) -> int:
+        """Cache slots this request may ever hold."""
+        return len(request.prompt_ids) + request.params.max_tokens + self.tree_slots
+
     def add(self, request: Request) -> None:
+        if self.kv_budget is not None and self.kv_need(request) > self.kv_budget:
+            raise ConfigError(f"max_tokens: prompt + max_tokens needs {self.kv_need(request)} KV slots, more than "
+                              f"the engine's KV budget of {self.kv_budget}")
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         self.waiting.append(request)
@@ -59,8 +72,12 @@ class Scheduler:
         return done
 
     def schedule(self) -> StepPlan:
+        held = sum(self.kv_need(r) for r in self.running)
         while self.waiting and len(self.running) < self.max_num_seqs:
+            if self.kv_budget is not None and held + self.kv_need(self.waiting[0]) > self.kv_budget:
+                break  # first come, first served: wait until running requests free their KV
             r = self.waiting.popleft()
+            held += self.kv_need(r)
             r.status = RequestStatus.RUNNING
             self.running.append(r)
         plan = StepPlan(decodes=[r for r in self.running if r.prefill_done])
