@@ -3,6 +3,8 @@
 Accepted speculative configs:
 - vLLM-compatible: {"method": "ngram", "prompt_lookup_min": a, "prompt_lookup_max": b, "num_speculative_tokens": k}
   and {"method": "draft_model", "model": PATH, "num_speculative_tokens": k}.
+- self-speculation: {"method": "layer_skip", "layers": [0, 2, ...] | [[...], [...]] | null (auto),
+  "draft_vocab_size": 32768 | null, "draft_vocab_counts": PATH | null}.
 - treespec's tree form: {"drafters": [{...}, {...}], "budget": 24 | "auto", "max_depth": 8,
   "draft_sampling": "iid" | "without_replacement" | "deterministic"}; each drafter dict takes the fields of
   DrafterConfig. A top-level "method" is shorthand for a single drafter.
@@ -21,6 +23,7 @@ from treespec.errors import ConfigError
 class DrafterMethod(Enum):
     NGRAM = "ngram"              # prompt lookup + hierarchical n-gram databases
     DRAFT_MODEL = "draft_model"  # a smaller LM with the same tokenizer (SpecInfer's SSM)
+    LAYER_SKIP = "layer_skip"    # the target itself with layers skipped (self-speculation, no extra weights)
 
 
 class DraftSampling(Enum):
@@ -66,6 +69,9 @@ class DrafterConfig:
     prompt_lookup_max: int = 5               # ngram: longest suffix matched (vLLM's default)
     max_continuations: int = 8               # ngram: distinct continuations merged into one tree
     corpus: str | None = None                # ngram: optional static corpus text file (lowest-locality database)
+    layers: list[int] | list[list[int]] | None = None  # layer_skip: layer subset(s) to choose from; None = auto
+    draft_vocab_size: int | None = None      # layer_skip: draft head over the N most frequent tokens; None = all
+    draft_vocab_counts: str | None = None    # layer_skip: JSON token counts seeding the frequencies
 
     def __post_init__(self) -> None:
         self.method = _enum(DrafterMethod, self.method, "method")
@@ -80,11 +86,32 @@ class DrafterConfig:
             raise ConfigError("prompt_lookup_min: must be <= prompt_lookup_max")
         if self.method is DrafterMethod.DRAFT_MODEL and not self.model:
             raise ConfigError("model: the draft_model method needs a draft model path")
+        self._check_layer_skip()
         if self.expansion is not None:
             if not isinstance(self.expansion, list) or not self.expansion:
                 raise ConfigError("expansion: expected a non-empty list of integers, e.g. [1, 1, 3, 1]")
             for k in self.expansion:
                 _check_int(k, "expansion", 1, 16)
+
+    def _check_layer_skip(self) -> None:
+        if self.method is not DrafterMethod.LAYER_SKIP:
+            for name in ("layers", "draft_vocab_size", "draft_vocab_counts"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name}: only the layer_skip method takes it")
+            return
+        if self.layers is not None:
+            sets = self.layers if self.layers and isinstance(self.layers[0], list) else [self.layers]
+            for s in sets:
+                if not isinstance(s, list) or not s:
+                    raise ConfigError("layers: expected a non-empty list of layer indices, or a list of such lists")
+                for i in s:
+                    _check_int(i, "layers", 0)
+                if s != sorted(set(s)):
+                    raise ConfigError(f"layers: {s} must be ascending without repeats")
+        if self.draft_vocab_size is not None:
+            _check_int(self.draft_vocab_size, "draft_vocab_size", 1)
+        if self.draft_vocab_counts is not None and self.draft_vocab_size is None:
+            raise ConfigError("draft_vocab_counts: needs draft_vocab_size")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DrafterConfig":

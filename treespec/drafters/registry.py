@@ -16,4 +16,7 @@ def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer) -> list
         elif cfg.method is DrafterMethod.DRAFT_MODEL:
             from treespec.drafters.model import ModelDrafter
             drafters.append(ModelDrafter.load(cfg, i, target, tokenizer))
+        elif cfg.method is DrafterMethod.LAYER_SKIP:
+            from treespec.drafters.layer_skip import LayerSkipDrafter
+            drafters.append(LayerSkipDrafter(cfg, i, target))
     return drafters

@@ -1,0 +1,106 @@
+"""A draft head over the N most frequent tokens only, so a 262k-row output layer does not dominate draft cost.
+
+The draft's q is zero outside the subset (logits -inf there); verification scores the full vocabulary with the
+target, and the acceptance rules never accept a token q did not propose, so outputs stay exactly the target's.
+Frequencies come from the target's own text: every prompt and committed output the drafter sees is counted, on
+top of an optional token-count file. Until a token has been counted, lower ids rank first (BPE/SentencePiece
+vocabularies list their frequent pieces early).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from treespec.errors import ConfigError
+from treespec.models.lm_head import LMHead, fp16_ops_available
+from treespec.models.matmul import few_rows_linear
+
+REFRESH_TOKENS = 2048  # newly counted tokens before the subset (and the head slice) is recomputed
+
+
+def load_token_counts(path: str, vocab_size: int) -> torch.Tensor:  # -> [vocab_size] float64
+    """Counts from JSON: a list (index = token id) or an object {"id": count}; errors name draft_vocab_counts."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"draft_vocab_counts: cannot read token counts from {path!r}: {e}") from None
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    items = enumerate(raw) if isinstance(raw, list) else raw.items() if isinstance(raw, dict) else None
+    if items is None:
+        raise ConfigError("draft_vocab_counts: expected a JSON list of counts or an object {token id: count}")
+    for key, value in items:
+        try:
+            tok, n = int(key), float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"draft_vocab_counts: bad entry {key!r}: {value!r}") from None
+        if not 0 <= tok < vocab_size or n < 0:
+            raise ConfigError(f"draft_vocab_counts: token {tok} (count {n}) is outside the vocabulary or negative")
+        counts[tok] += n
+    return counts
+
+
+class VocabSubset:
+    """Token frequencies and the `size` most frequent ids (ties: lower id first)."""
+
+    def __init__(self, vocab_size: int, size: int, counts: torch.Tensor | None = None) -> None:
+        self.vocab_size, self.size = vocab_size, min(size, vocab_size)
+        self.counts = torch.zeros(vocab_size, dtype=torch.float64) if counts is None else counts.double().clone()
+        self._fresh = 0  # tokens counted since ids() was last recomputed
+        self._ids: torch.Tensor | None = None
+
+    def count(self, token_ids: list[int]) -> None:
+        if token_ids:
+            self.counts += torch.bincount(torch.tensor(token_ids), minlength=self.vocab_size)[: self.vocab_size]
+            self._fresh += len(token_ids)
+
+    def stale(self) -> bool:
+        return self._ids is None or self._fresh >= REFRESH_TOKENS
+
+    def ids(self) -> torch.Tensor:  # -> [size] long, ascending
+        """The subset, recomputed when REFRESH_TOKENS new tokens have been counted since the last call."""
+        if self.stale():
+            # counts are integers: the id term (< 1) only breaks ties, toward lower ids
+            rank = self.counts - torch.arange(self.vocab_size, dtype=torch.float64) / self.vocab_size
+            self._ids = torch.topk(rank, self.size).indices.sort().values
+            self._fresh = 0
+        return self._ids
+
+
+class TruncatedHead:
+    """Draft logits [T, V] from the target's head restricted to a VocabSubset: -inf outside it.
+
+    The slice of the head is kept in fp16 (fbgemm's fp16-weight GEMM, half the bytes) when available, else fp32;
+    the draft need not be exact, only the target is.
+    """
+
+    def __init__(self, head: LMHead, subset: VocabSubset, fp16: bool = True) -> None:
+        self.head, self.subset, self.fp16 = head, subset, fp16 and fp16_ops_available()
+        self._ids: torch.Tensor | None = None
+        self._weight: torch.Tensor | torch.ScriptObject | None = None
+
+    def ids(self) -> torch.Tensor:  # -> [N] long
+        """The current subset; the head slice follows it."""
+        ids = self.subset.ids()
+        if ids is not self._ids:
+            w = self.head.weight[ids].contiguous()
+            self._weight = torch.ops.quantized.linear_prepack_fp16(w, None) if self.fp16 else w
+            self._ids = ids
+        return ids
+
+    def subset_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, N] fp32
+        self.ids()
+        if self.fp16:
+            z = torch.ops.quantized.linear_dynamic_fp16(hidden.contiguous(), self._weight)
+        else:
+            z = few_rows_linear(self._weight, hidden)
+        softcap = self.head.softcap
+        return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
+        """Subset logits scattered into full-vocabulary rows (draft ids mapped back to target ids)."""
+        z = self.subset_logits(hidden)
+        out = z.new_full((hidden.shape[0], self.head.vocab_size), float("-inf"))
+        out[:, self._ids] = z
+        return out
