@@ -7,9 +7,12 @@ catch-up, level-by-level growth and commit of the accepted path keep each view's
 computes on the committed text.
 
 Dynamic choice, from observed acceptance only:
-- which subset: a UCB1 bandit over the candidates, rewarded by (1 + accepted) / (1 + draft forwards x cost), the
-  cost of a draft forward being the fraction of layers it runs (tokens per unit of target-forward time);
-  each request re-picks every `RECHOOSE_STEPS` steps (a switch costs the new subset a catch-up);
+- which subset: a UCB1 bandit over the candidates, rewarded by (1 + accepted) / (1 + draft forwards x cost)
+  (tokens per unit of target-forward time), a draft forward's cost being the weight bytes it reads (its layers
+  and its head) over those of a target step. With automatic candidates one more arm drafts nothing (reward 1):
+  where skipping layers does not pay (small models lose most acceptance), the bandit settles there and only
+  re-probes the subsets. Explicit `layers` always draft.
+  Each request re-picks every `RECHOOSE_STEPS` steps (a switch costs the new subset a catch-up);
 - how deep: per request, HF assisted generation's rule: +2 when the whole drafted depth was accepted, else -1.
 With `draft_vocab_size` the views share a TruncatedHead (treespec.drafters.vocab).
 """
@@ -55,8 +58,11 @@ class LayerSkipView:
 
     @property
     def cost(self) -> float:
-        """A draft forward's cost as a fraction of the target's (layers run)."""
-        return len(self.layers) / self.config.num_layers
+        """A draft forward's cost as a fraction of a target step's: weight bytes read (decoding is memory-bound)."""
+        layers = [_nbytes(layer) for layer in self.target.layers]
+        head = self.target.lm_head
+        draft_head = head.weight.numel() * 4 if self.head is None else self.head.bytes_per_forward()
+        return (sum(layers[i] for i in self.layers) + draft_head) / (sum(layers) + head.bytes_per_step())
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention]) -> torch.Tensor:
         return self.target(tokens, positions, seqs, layers=self.layers)  # tokens, positions: [T] -> [T, D]
@@ -67,6 +73,10 @@ class LayerSkipView:
     def new_cache(self, max_len: int) -> SubsetKVCache:
         c = self.config
         return SubsetKVCache(self.layers, c.num_kv_heads, c.head_dim, max_len)
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def auto_layer_sets(num_layers: int) -> list[tuple[int, ...]]:
@@ -149,7 +159,8 @@ class LayerSkipDrafter:
         self.views = [LayerSkipView(target, s, head) for s in layer_sets(cfg, target.config.num_layers)]
         inner = dataclasses.replace(cfg, num_speculative_tokens=64)  # depth comes from the plan
         self.arms = [ModelDrafter(inner, drafter_id, v, vocab) for v in self.views]
-        self.bandit = LayerBandit([v.cost for v in self.views])
+        self.off = len(self.arms)  # with automatic candidates, the bandit's last arm: no draft
+        self.bandit = LayerBandit([v.cost for v in self.views] + ([0.0] if cfg.layers is None else []))
         self.plans: dict[str, RequestPlan] = {}
         self._last: dict[str, tuple[int, int]] = {}  # request -> (arm, depth) of the step being verified
 
@@ -161,9 +172,10 @@ class LayerSkipDrafter:
         for i, d in enumerate(batch):
             plan = self._plan(d.request)
             self._count(d.request, plan)
-            depth = min(plan.depth, d.max_depth)
+            depth = min(plan.depth, d.max_depth) if d.max_nodes > 0 else 0
             self._last[d.request.request_id] = (plan.arm, depth)
-            by_arm.setdefault(plan.arm, []).append(i)
+            if plan.arm != self.off:
+                by_arm.setdefault(plan.arm, []).append(i)
             planned.append(dataclasses.replace(d, max_depth=depth))
         for arm, idx in by_arm.items():
             for i, tree in zip(idx, self.arms[arm].propose([planned[i] for i in idx])):
@@ -179,10 +191,14 @@ class LayerSkipDrafter:
             if last is None or plan is None:
                 continue
             arm, depth = last
+            if arm == self.off:
+                self.bandit.update(arm, 0, 0)
+                continue
             by_arm.setdefault(arm, []).append(i)
-            accepted = len(res.path) - 1
+            if depth == 0:  # nothing was drafted (no node budget): nothing learned
+                continue
+            verified, accepted = self._own_depths(trees[i], res)
             self.bandit.update(arm, accepted, depth)
-            verified = int(trees[i].depth.max())  # the tree as verified (the engine may have pruned it)
             plan.depth = min(self.cfg.num_speculative_tokens, plan.depth + 2) if accepted >= verified > 0 \
                 else max(1, plan.depth - 1)
         for arm, idx in by_arm.items():
@@ -195,6 +211,13 @@ class LayerSkipDrafter:
             arm.release(request)
 
     # ---- planning -------------------------------------------------------------------------------------------
+    def _own_depths(self, tree: TokenTree, res: VerifyResult) -> tuple[int, int]:
+        """(deepest node this drafter proposed in the tree as verified, accepted nodes it proposed): a merged
+        tree also holds other drafters' nodes, and the engine may have pruned ours."""
+        own = [u for u in range(1, tree.n) if any(p.drafter == self.drafter_id for p in tree.proposals[u])]
+        deepest = int(tree.depth[own].max()) if own else 0
+        return deepest, sum(1 for u in res.path[1:] if u in own)
+
     def _plan(self, request) -> RequestPlan:
         plan = self.plans.get(request.request_id)
         if plan is None:

@@ -89,6 +89,10 @@ class TruncatedHead:
             self._ids = ids
         return ids
 
+    def bytes_per_forward(self) -> int:
+        """Weight bytes one draft head forward reads."""
+        return self.subset.size * self.head.weight.shape[1] * (2 if self.fp16 else 4)
+
     def subset_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, N] fp32
         self.ids()
         if self.fp16:
