@@ -16,7 +16,7 @@ from treespec.drafters.base import Drafter, DraftRequest
 from treespec.engine.cost_model import CostModel, allocate_nodes, prune_tree
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request
-from treespec.engine.runner import ModelRunner, TreeWork, target_argmax, target_probs
+from treespec.engine.runner import ModelRunner, TreeWork, score_trees
 from treespec.engine.scheduler import Scheduler
 from treespec.errors import ConfigError
 from treespec.sampling import SamplingParams
@@ -154,14 +154,20 @@ class LLMEngine:
 
     def verify(self, requests: list[Request], trees: list[TokenTree], hiddens: list[torch.Tensor]) -> list[VerifyResult]:
         """Score every node with the target and run each request's acceptance rule (a failure ends that request)."""
+        try:
+            scores = score_trees(self.model, requests, trees, hiddens)
+        except Exception as e:  # noqa: BLE001
+            for r in requests:
+                r.finish(FinishReason.ERROR, f"verification failed: {e}")
+            return [VerifyResult(path=[0], bonus_token=r.root_token) for r in requests]
         results = []
-        for r, tree, h in zip(requests, trees, hiddens):
+        for r, tree, s in zip(requests, trees, scores):
             try:
-                if r.params.greedy:
-                    results.append(verify_greedy(tree, target_argmax(self.model, r, tree, h)))
+                if s.argmax is not None:
+                    results.append(verify_greedy(tree, s.argmax))
                 else:
                     k0 = len(r.output_ids)
-                    results.append(verify_stochastic(tree, target_probs(self.model, r, tree, h), r.generator,
+                    results.append(verify_stochastic(tree, s.probs, r.generator,
                                                      position_uniform=lambda d, r=r, k0=k0: r.output_uniform(k0 + d)))
             except Exception as e:  # noqa: BLE001
                 r.finish(FinishReason.ERROR, f"verification failed: {e}")

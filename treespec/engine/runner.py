@@ -3,7 +3,7 @@
 Each request contributes either a prefill chunk (a causal chain of prompt tokens whose logits nobody needs)
 or a token tree (root = last emitted token, then the draft nodes; positions = committed length + depth).
 The target scores every tree node in that single forward; `TargetScores` then hands out per-node argmax
-or processed probabilities on demand.
+or processed probabilities (`score_trees`, one head call for the whole batch).
 """
 from __future__ import annotations
 
@@ -76,21 +76,35 @@ def node_histories(request: Request, tree: TokenTree) -> list[list[int]]:
     return hist
 
 
-def target_argmax(model: torch.nn.Module, request: Request, tree: TokenTree, hidden: torch.Tensor) -> torch.Tensor:
-    """Greedy target choice at every node: [n] long. Penalties need full logits; otherwise the fast exact head."""
-    params = request.params
-    if not _has_penalties(params):
-        return model.lm_head.argmax(hidden)
-    logits = apply_penalties(model.logits(hidden), params, request.prompt_ids, node_histories(request, tree))
-    return logits.argmax(dim=-1)
+@dataclass
+class TargetScores:
+    """The target's verdict at every node of one request's tree: argmax [n] (greedy) or probabilities p [n, V]."""
+    argmax: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
 
 
-def target_probs(model: torch.nn.Module, request: Request, tree: TokenTree, hidden: torch.Tensor) -> torch.Tensor:
-    """Processed target distribution p at every node: [n, V] (the same processing the drafters apply to q)."""
-    logits = model.logits(hidden)
-    if _has_penalties(request.params):
-        logits = apply_penalties(logits, request.params, request.prompt_ids, node_histories(request, tree))
-    return logits_to_probs(logits, request.params)
+def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[TokenTree],
+                hiddens: list[torch.Tensor]) -> list[TargetScores]:
+    """Run the head once for the whole batch: the exact fast argmax for greedy requests without penalties,
+    full fp32 logits (then penalties and the sampling transforms) for everyone else."""
+    fast = [i for i, r in enumerate(requests) if r.params.greedy and not _has_penalties(r.params)]
+    full = [i for i in range(len(requests)) if i not in set(fast)]
+    out = [TargetScores() for _ in requests]
+    if fast:
+        rows = model.lm_head.argmax(torch.cat([hiddens[i] for i in fast]))
+        for i, am in zip(fast, rows.split([hiddens[i].shape[0] for i in fast])):
+            out[i].argmax = am
+    if full:
+        all_logits = model.logits(torch.cat([hiddens[i] for i in full]))
+        for i, logits in zip(full, all_logits.split([hiddens[i].shape[0] for i in full])):
+            r, tree = requests[i], trees[i]
+            if _has_penalties(r.params):
+                logits = apply_penalties(logits, r.params, r.prompt_ids, node_histories(r, tree))
+            if r.params.greedy:
+                out[i].argmax = logits.argmax(dim=-1)
+            else:
+                out[i].probs = logits_to_probs(logits, r.params)
+    return out
 
 
 def _has_penalties(params) -> bool:
