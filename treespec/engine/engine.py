@@ -15,7 +15,7 @@ from treespec.config import DraftSampling, EngineConfig, SpecConfig
 from treespec.drafters.base import Drafter, DraftRequest
 from treespec.engine.cost_model import CostModel, allocate_nodes, prune_tree
 from treespec.engine.emit import apply_stop_strings, emit_tokens
-from treespec.engine.request import FinishReason, Request
+from treespec.engine.request import FinishReason, Request, SpecCounters
 from treespec.engine.runner import ModelRunner, TreeWork, score_trees
 from treespec.engine.scheduler import Scheduler
 from treespec.errors import ConfigError
@@ -38,23 +38,10 @@ class DraftOutcome:
 
 
 @dataclass
-class StepStats:
+class StepStats(SpecCounters):
     """Totals over the engine's life (the server's Prometheus counters read these)."""
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # [d]: drafts accepted at depth d+1
-
-    def record(self, num_draft: int, num_accepted: int) -> None:
-        self.num_drafts += num_draft > 0
-        self.num_draft_tokens += num_draft
-        self.num_accepted_tokens += num_accepted
-        if len(self.accepted_per_position) < num_accepted:
-            self.accepted_per_position += [0] * (num_accepted - len(self.accepted_per_position))
-        for d in range(num_accepted):
-            self.accepted_per_position[d] += 1
 
 
 class LLMEngine:
@@ -197,7 +184,7 @@ class LLMEngine:
                 new = emit_tokens(r, accepted + [res.bonus_token], self.tokenizer.eos_ids, self.max_len)
                 r.metrics.record_step(tree.n - 1, len(res.path) - 1)
                 r.metrics.num_generated_tokens = len(r.output_ids)
-                self.stats.record(tree.n - 1, len(res.path) - 1)
+                self.stats.record_step(tree.n - 1, len(res.path) - 1)
                 self.stats.num_generation_tokens += len(new)
                 text = r.detokenizer.push(new)
                 if r.finished:

@@ -25,15 +25,13 @@ class FinishReason(Enum):
 
 
 @dataclass
-class SpecMetrics:
-    """Speculation counters. num_steps counts target forwards after prefill; tokens/step = 1 + accepted/steps."""
-    num_steps: int = 0
-    num_generated_tokens: int = 0
+class SpecCounters:
+    """Speculation counters. A step verifies one tree; tokens/step = 1 + accepted/steps."""
+    num_steps: int = 0                 # target forwards after prefill (per request) / trees verified (engine)
+    num_drafts: int = 0                # steps that verified at least one draft token
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [d] = steps that accepted a token at depth d+1
-    prefill_time_s: float = 0.0
-    decode_time_s: float = 0.0
 
     @property
     def mean_tokens_per_step(self) -> float:
@@ -41,12 +39,21 @@ class SpecMetrics:
 
     def record_step(self, num_draft: int, num_accepted: int) -> None:
         self.num_steps += 1
+        self.num_drafts += num_draft > 0
         self.num_draft_tokens += num_draft
         self.num_accepted_tokens += num_accepted
         if len(self.accepted_per_position) < num_accepted:
             self.accepted_per_position.extend([0] * (num_accepted - len(self.accepted_per_position)))
         for d in range(num_accepted):
             self.accepted_per_position[d] += 1
+
+
+@dataclass
+class SpecMetrics(SpecCounters):
+    """One request's counters and timings."""
+    num_generated_tokens: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
 
     def as_dict(self) -> dict:
         return {"num_steps": self.num_steps, "num_generated_tokens": self.num_generated_tokens,
