@@ -9,7 +9,7 @@ acceptance rate observed at each depth, times the share of continuations that pa
 """
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -60,7 +60,6 @@ class NgramDrafter:
         self.cfg, self.drafter_id = cfg, drafter_id
         self.own: dict[str, NgramIndex] = {}
         self.generated = NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
-        self.generated_spans: deque[int] = deque()
         self.corpus: NgramIndex | None = None
         if cfg.corpus:
             self.corpus = _load_corpus(Path(cfg.corpus), tokenizer, cfg)
@@ -81,16 +80,15 @@ class NgramDrafter:
                 self.depth_rate[d] = 0.9 * self.depth_rate[d] + 0.1 * hit
 
     def release(self, request) -> None:
-        idx = self.own.pop(request.request_id, None)
-        if idx is not None and request.output_ids:
+        self.own.pop(request.request_id, None)
+        if request.output_ids:  # whatever the engine generated joins database (2)
             self._remember(request.all_ids)
 
     # ---- internals ------------------------------------------------------------------------------------------
     def _propose_one(self, d: DraftRequest) -> TokenTree:
         r = d.request
-        tree = TokenTree.root(r.root_token)
         if d.max_depth <= 0 or d.max_nodes <= 0:
-            return tree
+            return TokenTree.root(r.root_token)
         idx = self.own.get(r.request_id)
         if idx is None:
             idx = self.own[r.request_id] = NgramIndex(self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
@@ -104,28 +102,42 @@ class NgramDrafter:
                 break
             have = {tuple(c) for c, _ in conts}
             conts += [(c, n) for c, n in db.continuations(ctx, depth, limit - len(conts)) if tuple(c) not in have]
-        return self._trie(tree, conts, d.max_nodes)
+        return self._trie(r.root_token, conts, d.max_nodes)
 
-    def _trie(self, tree: TokenTree, conts: list[tuple[list[int], int]], max_nodes: int) -> TokenTree:
-        """Merge continuations into the tree. A node's score: the match-length-weighted share of continuations
-        through it (relative to its parent) times the observed acceptance rate at its depth, down the path."""
-        weight: dict[int, float] = defaultdict(float)
+    def _trie(self, root: int, conts: list[tuple[list[int], int]], max_nodes: int) -> TokenTree:
+        """Merge continuations into a trie (plain lists, one TokenTree at the end: this runs every step).
+
+        A node's score: the match-length-weighted share of continuations through it (relative to its parent)
+        times the observed acceptance rate at its depth, multiplied down the path."""
+        tokens, parents, depth, weight = [root], [-1], [0], [0.0]
+        kids: list[dict[int, int]] = [{}]
         total = 0.0
         for cont, n in conts:
             node, w = 0, float(n * n)  # a longer match predicts better
             total += w
             for t in cont:
-                if tree.n - 1 >= max_nodes and tree.find_child(node, t) is None:
-                    break
-                node = tree.add_child(node, t, Proposal(self.drafter_id, DraftKind.DETERMINISTIC, None))
-                weight[node] += w
-        scores = [1.0] * tree.n
-        for i in range(1, tree.n):
-            parent = int(tree.parents[i])
-            share = weight[i] / (weight[parent] if parent > 0 else total)
-            scores[i] = scores[parent] * share * self.depth_rate[int(tree.depth[i]) - 1]
-        tree.scores = torch.tensor(scores)
-        return tree
+                child = kids[node].get(t)
+                if child is None:
+                    if len(tokens) - 1 >= max_nodes:
+                        break
+                    child = len(tokens)
+                    kids[node][t] = child
+                    kids.append({})
+                    tokens.append(t)
+                    parents.append(node)
+                    depth.append(depth[node] + 1)
+                    weight.append(0.0)
+                weight[child] += w
+                node = child
+        scores = [1.0] * len(tokens)
+        proposals: list[list[Proposal]] = [[] for _ in tokens]
+        for parent, children in enumerate(kids):
+            for order, c in enumerate(children.values()):
+                share = weight[c] / (weight[parent] if parent > 0 else total)
+                scores[c] = scores[parent] * share * self.depth_rate[depth[c] - 1]
+                proposals[c].append(Proposal(self.drafter_id, DraftKind.DETERMINISTIC, None, order=order))
+        return TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depth), proposals,
+                         torch.tensor(scores))
 
     def _remember(self, tokens: list[int]) -> None:
         """Add a finished request's text to database (2), forgetting the oldest beyond the bound."""
