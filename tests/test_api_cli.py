@@ -95,3 +95,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(model_dir, args, message):
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert errors[0].startswith("treespec: error:") and message.lower() in errors[0].lower()
     assert proc.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_cli_speculative_auto(model_dir, capsys):
+    assert main(["generate", "--model", str(model_dir), "--speculative", "auto", "--max-tokens", "6", "--json",
+                 "--compare", "the cat sat on the mat. the cat sat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plain"]["token_ids"] == out["speculative"]["token_ids"]

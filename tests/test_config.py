@@ -56,3 +56,10 @@ def test_errors_name_the_field(spec, field):
 def test_engine_config_errors(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         EngineConfig(**kwargs)
+
+
+def test_auto_picks_available_drafters_and_takes_no_fields():
+    s = SpecConfig.parse({"method": "auto"})
+    assert [d.method for d in s.drafters] == [DrafterMethod.NGRAM]
+    with pytest.raises(ConfigError, match="auto"):
+        SpecConfig.parse({"method": "auto", "num_speculative_tokens": 3})

@@ -29,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="gemma-3-270m", help="alias, HF directory or .gguf file")
     p.add_argument("--speculative-config", default=None, help="JSON, e.g. '{\"method\": \"ngram\"}'")
     p.add_argument("--ngram", action="store_true", help="shorthand for --speculative-config '{\"method\":\"ngram\"}'")
+    p.add_argument("--speculative", choices=["auto", "none"], default=None,
+                   help="auto: the best drafters available for the model")
     p.add_argument("--draft-model", default=None, help="shorthand for a draft_model speculative config")
     p.add_argument("--num-speculative-tokens", type=positive_int, default=None, help="draft depth")
     p.add_argument("--max-model-len", type=positive_int, default=None)
@@ -37,10 +39,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args: argparse.Namespace) -> dict | str | None:
-    if args.speculative_config is not None:
-        if args.ngram or args.draft_model:
-            raise TreespecError("give either --speculative-config or the --ngram/--draft-model shorthands")
-        return args.speculative_config
+    if args.speculative_config is not None or args.speculative is not None:
+        if args.ngram or args.draft_model or (args.speculative_config is not None and args.speculative is not None):
+            raise TreespecError("give one of --speculative-config, --speculative or the --ngram/--draft-model flags")
+        return args.speculative_config or {"method": args.speculative}
     spec: dict[str, Any] | None = None
     if args.ngram and args.draft_model:
         spec = {"drafters": [{"method": "ngram"}, {"method": "draft_model", "model": args.draft_model}]}

@@ -8,6 +8,9 @@ Accepted speculative configs:
 - treespec's tree form: {"drafters": [{...}, {...}], "budget": 24 | "auto", "max_depth": 8,
   "draft_sampling": "iid" | "without_replacement" | "deterministic"}; each drafter dict takes the fields of
   DrafterConfig. A top-level "method" is shorthand for a single drafter.
+- {"method": "auto"}: the best drafters available for any model. Today that is n-gram drafting (prompt lookup +
+  hierarchical databases): no trained drafter ships yet, and untrained self-speculation did not pay on the
+  default model. A trained drafter for the default model will join this list.
 - {"method": "none"} (or an empty dict) disables speculation.
 """
 from __future__ import annotations
@@ -152,6 +155,10 @@ class SpecConfig:
         top = {k: d.pop(k) for k in ("budget", "max_depth", "draft_sampling") if k in d}
         if top.get("budget") == "auto":
             top["budget"] = None
+        if method == "auto":
+            if d:
+                raise ConfigError(f"speculative_config: 'auto' takes no other field(s), got {sorted(d)}")
+            method = DrafterMethod.NGRAM.value
         if method in (None, "none") and "drafters" not in d:
             if d:
                 raise ConfigError(f"speculative_config: unknown field(s) {sorted(d)} without a method")
