@@ -4,7 +4,8 @@ import json
 import torch
 from tiny_hf import hf_model, twin
 
-from treespec.engine.cost_model import CostCurve, CostModel, allocate_nodes, prune_tree
+from treespec.engine.cost_model import CostCurve, CostModel, allocate_nodes
+from treespec.tree.build import prune_tree
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 
 

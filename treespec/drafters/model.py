@@ -20,11 +20,10 @@ import torch
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig
 from treespec.drafters.base import DraftRequest
-from treespec.engine.cost_model import prune_tree
 from treespec.errors import ConfigError, ModelLoadError
 from treespec.kv.cache import KVCache
 from treespec.sampling import apply_penalties, logits_to_probs
-from treespec.tree.build import draw_children
+from treespec.tree.build import draw_children, prune_tree
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 from treespec.verify import VerifyResult
 

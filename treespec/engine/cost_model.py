@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from treespec.tree.token_tree import TokenTree
 
 GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 _VERSION = 2  # bump when the forward's speed changes enough to invalidate cached measurements
@@ -117,11 +116,3 @@ def allocate_nodes(scores: list[torch.Tensor], cost: CostCurve, draft_cost: floa
     for _, r in gains[:best_k]:
         counts[r] += 1
     return counts
-
-
-def prune_tree(tree: TokenTree, keep: int) -> TokenTree:
-    """Keep the root and the `keep` best-scored draft nodes (a parent-closed set), re-indexed."""
-    if keep >= tree.n - 1:
-        return tree
-    order = sorted(range(1, tree.n), key=lambda i: (-float(tree.scores[i]), i))[:keep]
-    return tree.select([0] + sorted(order))

@@ -13,7 +13,7 @@ import torch
 
 from treespec.config import DraftSampling, EngineConfig, SpecConfig
 from treespec.drafters.base import Drafter, DraftRequest
-from treespec.engine.cost_model import CostModel, allocate_nodes, prune_tree
+from treespec.engine.cost_model import CostModel, allocate_nodes
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request, SpecCounters
 from treespec.engine.runner import ModelRunner, TreeWork, score_trees
@@ -21,7 +21,7 @@ from treespec.engine.scheduler import Scheduler
 from treespec.errors import ConfigError
 from treespec.sampling import SamplingParams
 from treespec.tokenizer import IncrementalDetokenizer, Tokenizer
-from treespec.tree.build import merge_trees
+from treespec.tree.build import merge_trees, prune_tree
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult, verify_greedy, verify_stochastic
 

@@ -101,3 +101,11 @@ def merge_trees(trees: list[TokenTree]) -> TokenTree:
                 else:
                     where[s.child] = out.add_child(where[u], s.token, s.proposal, score=float(t.scores[s.child]))
     return out
+
+
+def prune_tree(tree: TokenTree, keep: int) -> TokenTree:
+    """Keep the root and the `keep` best-scored draft nodes (a parent-closed set), re-indexed."""
+    if keep >= tree.n - 1:
+        return tree
+    order = sorted(range(1, tree.n), key=lambda i: (-float(tree.scores[i]), i))[:keep]
+    return tree.select([0] + sorted(order))
