@@ -1,15 +1,24 @@
 """Tiny-model tests run on one torch thread: on 2 shared cores, idle OpenMP threads spinning on microsecond-sized
-ops make them an order of magnitude slower. Tests marked `slow` (the real model) keep torch's default."""
+ops make them an order of magnitude slower. Module-scoped too, so module fixtures (live servers, engines) get it.
+Tests marked `slow` (the real model) run with torch's default thread count."""
 import pytest
 import torch
 
+_DEFAULT_THREADS = torch.get_num_threads()
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_tiny_models(request):
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_per_module():
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(_DEFAULT_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _default_threads_for_slow_tests(request):
+    if not request.node.get_closest_marker("slow"):
+        yield
+        return
+    torch.set_num_threads(_DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(1)

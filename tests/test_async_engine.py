@@ -17,15 +17,6 @@ from treespec.sampling import SamplingParams
 PROMPTS = ["the quick brown fox", "hello world", "a server streams tokens", "speculative decoding"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a busy 2-core machine run far faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()

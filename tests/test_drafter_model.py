@@ -34,15 +34,6 @@ from treespec.verify import VerifyResult, verify_stochastic
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread start-up and spinning cost more than the math on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class StubTokenizer:
     """What the engine needs of a tokenizer when prompts are token ids."""
     eos_ids: set[int] = set()

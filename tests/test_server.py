@@ -8,7 +8,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from serving_tiny import MAX_LEN, tiny_engine, tiny_tokenizer
 
 from treespec.engine.async_engine import AsyncEngine
@@ -19,14 +18,6 @@ from treespec.server.protocol import MAX_STOP
 MODEL = "tiny"
 SPEC = {"method": "ngram", "budget": 6}
 PROMPTS = ["the quick brown fox", "hello world", "a server streams tokens", "speculative decoding"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,6 @@ MAX_TOKENS = 40
 PROMPTS = [[3, 9, 27, 17, 51, 25, 11], [5, 6, 7, 8] * 6, [(13 * i + 7) % VOCAB for i in range(90)], [42]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     spec = tiny_llama(VOCAB, seed=0)
