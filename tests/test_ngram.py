@@ -20,6 +20,7 @@ class _Req:
     request_id: str
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
 
     @property
     def all_ids(self):
@@ -50,7 +51,7 @@ def test_trie_shares_prefixes_scores_fall_and_budget_holds():
 
 def test_generated_text_database_after_release_and_acceptance_statistics():
     d = NgramDrafter(DrafterConfig("ngram"), 0)
-    done = _Req("old", [40, 41], output_ids=[42, 43, 44, 45])
+    done = _Req("old", [40, 41], output_ids=[42, 43, 44, 45], finished=True)
     d.release(done)  # never drafted for, but its text joins database (2) once it has output
     fresh = _Req("new", [7, 42, 43])
     tree = _draft(d, fresh)

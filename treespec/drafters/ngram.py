@@ -81,7 +81,7 @@ class NgramDrafter:
 
     def release(self, request) -> None:
         self.own.pop(request.request_id, None)
-        if request.output_ids:  # whatever the engine generated joins database (2)
+        if request.finished and request.output_ids:  # what the engine generated joins database (2), once
             self._remember(request.all_ids)
 
     # ---- internals ------------------------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class LLMEngine:
             return out
         merged = proposals[0] if len(proposals) == 1 else [merge_trees(list(ts)) for ts in zip(*proposals)]
         self.draft_cost_s = 0.8 * self.draft_cost_s + 0.2 * (time.perf_counter() - t0)
-        merged = self._size_trees([requests[i] for i in spec_reqs], merged, node_budget - len(requests) + len(spec_reqs))
+        merged = self._size_trees([requests[i] for i in spec_reqs], merged, share,
+                                  node_budget - len(requests) + len(spec_reqs))
         for i, tree in zip(spec_reqs, merged):
             out.trees[i] = tree
         out.batch, out.drafted, out.index = batch, merged, spec_reqs
@@ -201,9 +202,10 @@ class LLMEngine:
                             max_depth=max(0, depth),
                             sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling)
 
-    def _size_trees(self, requests: list[Request], trees: list[TokenTree], node_budget: int) -> list[TokenTree]:
+    def _size_trees(self, requests: list[Request], trees: list[TokenTree], share: int,
+                    node_budget: int) -> list[TokenTree]:
+        """Static budget (or no cost model): each tree keeps its share; else the cost model allocates node_budget."""
         if self.spec.budget is not None or self.cost_model is None:
-            share = max(0, (node_budget - len(trees)) // len(trees))
             return [prune_tree(t, min(self.spec.budget or share, share)) for t in trees]
         scores = [torch.sort(t.scores[1:], descending=True).values for t in trees]
         sampling = any(not r.params.greedy for r in requests)
