@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from treespec.config import EngineConfig, SpecConfig, WeightQuantization
-from treespec.drafters.registry import build_drafters
+from treespec.drafters.registry import build_drafters, resolve_auto
 from treespec.engine.cost_model import CostModel
 from treespec.engine.engine import LLMEngine
 from treespec.engine.request import Request
@@ -59,7 +59,7 @@ class LLM:
 
     def make_engine(self, speculative_config: SpecConfig | dict | str | None) -> LLMEngine:
         """Another engine over the same loaded target (e.g. to compare drafters side by side)."""
-        spec = SpecConfig.parse(speculative_config)
+        spec = resolve_auto(SpecConfig.parse(speculative_config), self.checkpoint_source)
         drafters = build_drafters(spec, self.target, self.tokenizer)
         if spec.enabled and spec.budget is None and self._cost is None:
             key = f"{self.checkpoint_source}|{self.config.weight_quantization.value}"

@@ -8,9 +8,10 @@ Accepted speculative configs:
 - treespec's tree form: {"drafters": [{...}, {...}], "budget": 24 | "auto", "max_depth": 8,
   "draft_sampling": "iid" | "without_replacement" | "deterministic"}; each drafter dict takes the fields of
   DrafterConfig. A top-level "method" is shorthand for a single drafter.
-- {"method": "auto"}: the best drafters available for any model. Today that is n-gram drafting (prompt lookup +
-  hierarchical databases): no trained drafter ships yet, and untrained self-speculation did not pay on the
-  default model. A trained drafter for the default model will join this list.
+- learned drafters: {"method": "learned", "model": DIR} (a `treespec distill` output directory: head or ssm).
+- {"method": "auto"}: the best drafters available for the model: n-gram drafting (prompt lookup + hierarchical
+  databases) merged with the trained drafter shipped for that model, if any (the default model has one).
+  Untrained self-speculation did not pay on the default model, so auto leaves it out.
 - {"method": "none"} (or an empty dict) disables speculation.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ class DrafterMethod(Enum):
     NGRAM = "ngram"              # prompt lookup + hierarchical n-gram databases
     DRAFT_MODEL = "draft_model"  # a smaller LM with the same tokenizer (SpecInfer's SSM)
     LAYER_SKIP = "layer_skip"    # the target itself with layers skipped (self-speculation, no extra weights)
+    LEARNED = "learned"          # a head or SSM trained by `treespec distill` (over the target's embeddings)
 
 
 class DraftSampling(Enum):
@@ -64,8 +66,8 @@ def _check_int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
 @dataclass
 class DrafterConfig:
     method: DrafterMethod
-    num_speculative_tokens: int | None = None  # tree depth this drafter proposes (default: ngram 8, model 5)
-    model: str | None = None                 # draft_model: path or alias of the SSM
+    num_speculative_tokens: int | None = None  # tree depth this drafter proposes (default: ngram 8, others 5)
+    model: str | None = None                 # draft_model: path or alias of the SSM; learned: its directory
     expansion: list[int] | None = None       # draft_model: static expansion <k1..km>; None = best-first under budget
     branch: int = 4                          # draft_model best-first: children considered per expanded node
     prompt_lookup_min: int = 1               # ngram: shortest suffix matched
@@ -87,8 +89,8 @@ class DrafterConfig:
         _check_int(self.max_continuations, "max_continuations", 1, 64)
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError("prompt_lookup_min: must be <= prompt_lookup_max")
-        if self.method is DrafterMethod.DRAFT_MODEL and not self.model:
-            raise ConfigError("model: the draft_model method needs a draft model path")
+        if self.method in (DrafterMethod.DRAFT_MODEL, DrafterMethod.LEARNED) and not self.model:
+            raise ConfigError(f"model: the {self.method.value} method needs a draft model path")
         self._check_layer_skip()
         if self.expansion is not None:
             if not isinstance(self.expansion, list) or not self.expansion:
@@ -127,6 +129,7 @@ class SpecConfig:
     budget: int | None = None                 # max draft nodes per tree; None = chosen by the cost model
     max_depth: int = 8
     draft_sampling: DraftSampling = DraftSampling.IID
+    auto: bool = False                        # {"method": "auto"}: the loader adds the model's shipped drafters
 
     def __post_init__(self) -> None:
         self.draft_sampling = _enum(DraftSampling, self.draft_sampling, "draft_sampling")
@@ -158,7 +161,7 @@ class SpecConfig:
         if method == "auto":
             if d:
                 raise ConfigError(f"speculative_config: 'auto' takes no other field(s), got {sorted(d)}")
-            method = DrafterMethod.NGRAM.value
+            return cls(drafters=[DrafterConfig(DrafterMethod.NGRAM)], auto=True, **top)
         if method in (None, "none") and "drafters" not in d:
             if d:
                 raise ConfigError(f"speculative_config: unknown field(s) {sorted(d)} without a method")

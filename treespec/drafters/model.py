@@ -107,10 +107,11 @@ class DraftState:
     tree: TokenTree | None = None  # this step's grown tree (before pruning)
     slots: dict[int, int] = field(default_factory=dict)         # fed node -> its pending slot
     seen: dict[int, torch.Tensor] = field(default_factory=dict)  # fed node -> [slots] bool: pending slots it sees
+    out: dict[int, torch.Tensor] = field(default_factory=dict)   # fed node -> its output hidden state [D]
 
     def discard_step(self) -> None:
         self.cache.truncate(self.cache.length)
-        self.tail, self.tree, self.slots, self.seen = 0, None, {}, {}
+        self.tail, self.tree, self.slots, self.seen, self.out = 0, None, {}, {}, {}
 
 
 @dataclass
@@ -129,10 +130,17 @@ class _Feed:
     positions: torch.Tensor       # [n]
     mask: torch.Tensor | None     # [n, pending] bool over the pending slots; None: a chain
     q_rows: list[int]             # rows (from this feed's first) whose logits give the frontier's q
+    features: torch.Tensor | None = None  # [n, D] per-row input features (drafters that read the target's)
 
 
 class ModelDrafter:
-    """Drafts trees with a small LM; one KV cache per request, committed along the accepted path."""
+    """Drafts trees with a small LM; one KV cache per request, committed along the accepted path.
+
+    Subclasses may draft over another view of the context (`_context`), feed per-row features
+    (`_chain_features`, `_tree_features`) and re-feed accepted tokens instead of keeping them (`keep_accepted`).
+    """
+
+    keep_accepted = True
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, model: torch.nn.Module, vocab_size: int) -> None:
         self.cfg, self.drafter_id, self.model = cfg, drafter_id, model
@@ -176,7 +184,7 @@ class ModelDrafter:
                 continue
             keep = list(range(st.tail + 1))
             node: int | None = 0
-            for tok in tree.tokens[res.path[1:]].tolist():
+            for tok in tree.tokens[res.path[1:]].tolist() if self.keep_accepted else []:
                 node = st.tree.find_child(node, tok)
                 if node is None or node not in st.slots:
                     break
@@ -193,7 +201,7 @@ class ModelDrafter:
         if st is None:
             st = self.states[request.request_id] = DraftState(self.model.new_cache(self.max_len))
         st.discard_step()  # a step that was never observed leaves nothing behind
-        committed = len(request.all_ids) - 1
+        committed = len(self._context(request)) - 1
         if st.cache.length > committed:
             st.cache.truncate(committed)
         return st
@@ -205,7 +213,7 @@ class ModelDrafter:
         depth = min(d.max_depth, self.cfg.num_speculative_tokens)
         if self.cfg.expansion is not None:
             depth = min(depth, len(self.cfg.expansion))
-        room = self.max_len - len(d.request.all_ids)
+        room = self.max_len - len(self._context(d.request))
         while depth > 0 and self._max_fed(depth) > room:
             depth -= 1
         return depth
@@ -231,12 +239,13 @@ class ModelDrafter:
     # ---- draft forwards -------------------------------------------------------------------------------------
     def _catch_up(self, jobs: list[_Job]) -> None:
         """Commit all but the last `_CHUNK` unseen tokens of each request (root included), a chunk per forward."""
-        while long := [j for j in jobs if len(j.draft.request.all_ids) - j.state.cache.length > _CHUNK]:
+        while long := [j for j in jobs if len(self._context(j.draft.request)) - j.state.cache.length > _CHUNK]:
             feeds = []
             for j in long:
                 cache = j.state.cache
-                ids = j.draft.request.all_ids[cache.length:cache.length + _CHUNK]
-                feeds.append(_Feed(cache, ids, torch.arange(cache.length, cache.length + len(ids)), None, []))
+                ids = self._context(j.draft.request)[cache.length:cache.length + _CHUNK]
+                feeds.append(_Feed(cache, ids, torch.arange(cache.length, cache.length + len(ids)), None, [],
+                                   self._chain_features(j.draft.request, cache.length, len(ids))))
             self._forward(feeds)
             for f in feeds:
                 f.cache.commit()
@@ -251,6 +260,7 @@ class ModelDrafter:
         qs, at = [], 0
         for j in jobs:
             n = len(j.growth.frontier)
+            j.state.out.update(zip(j.growth.frontier, hidden[rows[at:at + n]]))
             qs.append(self._probs(j, logits[at:at + n]))
             at += n
         return qs
@@ -261,11 +271,12 @@ class ModelDrafter:
         st, tree, nodes = job.state, job.growth.tree, job.growth.frontier
         cache = st.cache
         if nodes == [0]:
-            ids = job.draft.request.all_ids[cache.length:]
+            ids = self._context(job.draft.request)[cache.length:]
             st.tail = len(ids) - 1
             st.slots[0] = st.tail
             st.seen[0] = torch.ones(st.tail + 1, dtype=torch.bool)
-            return _Feed(cache, ids, torch.arange(cache.length, cache.length + len(ids)), None, [st.tail])
+            return _Feed(cache, ids, torch.arange(cache.length, cache.length + len(ids)), None, [st.tail],
+                         self._chain_features(job.draft.request, cache.length, len(ids)))
         first = cache.pending
         mask = torch.zeros(len(nodes), first + len(nodes), dtype=torch.bool)
         for k, u in enumerate(nodes):
@@ -274,7 +285,8 @@ class ModelDrafter:
             mask[k, first + k] = True
             st.seen[u], st.slots[u] = mask[k], first + k
         positions = cache.length + st.tail + tree.depth[nodes]
-        return _Feed(cache, tree.tokens[nodes].tolist(), positions, mask, list(range(len(nodes))))
+        return _Feed(cache, tree.tokens[nodes].tolist(), positions, mask, list(range(len(nodes))),
+                     self._tree_features(st, tree, nodes))
 
     def _forward(self, feeds: list[_Feed]) -> torch.Tensor:
         """One ragged draft forward over every feed; returns hidden states [T, D]."""
@@ -284,7 +296,23 @@ class ModelDrafter:
             seqs.append(SeqAttention(f.cache, start, len(f.tokens), f.mask))
             start += len(f.tokens)
         tokens = torch.tensor([t for f in feeds for t in f.tokens], dtype=torch.long)
-        return self.model(tokens, torch.cat([f.positions for f in feeds]), seqs)
+        positions = torch.cat([f.positions for f in feeds])
+        if feeds[0].features is None:
+            return self.model(tokens, positions, seqs)
+        return self.model(tokens, positions, seqs, features=torch.cat([f.features for f in feeds]))
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    def _context(self, request) -> list[int]:
+        """The token sequence this draft reads: the committed context and the root (its last element)."""
+        return request.all_ids
+
+    def _chain_features(self, request, start: int, n: int) -> torch.Tensor | None:
+        """Input features [n, D] of context rows start..start+n-1 (None: this draft reads tokens only)."""
+        return None
+
+    def _tree_features(self, state: DraftState, tree: TokenTree, nodes: list[int]) -> torch.Tensor | None:
+        """Input features [len(nodes), D] of tree nodes fed below the root."""
+        return None
 
     def _probs(self, job: _Job, logits: torch.Tensor) -> torch.Tensor:
         """q at the job's frontier nodes: logits [n, V] processed like the target's p."""

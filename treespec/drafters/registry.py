@@ -1,11 +1,17 @@
-"""Build the drafters a SpecConfig names."""
+"""Build the drafters a SpecConfig names; `method: auto` adds the drafters shipped for the loaded model."""
 from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
 
 import torch
 
-from treespec.config import DrafterMethod, SpecConfig
+from treespec.config import DrafterConfig, DrafterMethod, SpecConfig
 from treespec.drafters.base import Drafter
 from treespec.drafters.ngram import NgramDrafter
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "drafters"  # one directory per target alias
 
 
 def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer) -> list[Drafter]:
@@ -19,4 +25,30 @@ def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer) -> list
         elif cfg.method is DrafterMethod.LAYER_SKIP:
             from treespec.drafters.layer_skip import LayerSkipDrafter
             drafters.append(LayerSkipDrafter(cfg, i, target))
+        elif cfg.method is DrafterMethod.LEARNED:
+            from treespec.drafters.learned import LearnedDrafter
+            drafters.append(LearnedDrafter.load(cfg, i, target, tokenizer))
     return drafters
+
+
+def shipped_drafters(source: Path) -> list[Path]:
+    """Drafter directories shipped for the checkpoint at `source` (its config.json names the target's alias)."""
+    from treespec.errors import ModelLoadError
+    from treespec.weights.loader import resolve_model
+    found = []
+    for cfg_file in sorted(SHIPPED_DIR.glob("*/config.json")):
+        alias = json.loads(cfg_file.read_text()).get("target", "")
+        try:
+            if resolve_model(alias).resolve() == Path(source).resolve():
+                found.append(cfg_file.parent)
+        except ModelLoadError:  # the alias's package is not installed
+            continue
+    return found
+
+
+def resolve_auto(spec: SpecConfig, source: Path) -> SpecConfig:
+    """`method: auto` -> its n-gram drafter merged with every drafter shipped for this model."""
+    if not spec.auto:
+        return spec
+    learned = [DrafterConfig(DrafterMethod.LEARNED, model=str(p)) for p in shipped_drafters(source)]
+    return dataclasses.replace(spec, drafters=learned + list(spec.drafters), auto=False)

@@ -50,6 +50,13 @@ class VocabSubset:
         self._fresh = 0  # tokens counted since ids() was last recomputed
         self._ids: torch.Tensor | None = None
 
+    @classmethod
+    def fixed(cls, vocab_size: int, ids: torch.Tensor) -> "VocabSubset":
+        """A subset that is exactly `ids` (a trained drafter's vocabulary); counting more never changes it."""
+        counts = torch.zeros(vocab_size, dtype=torch.float64)
+        counts[ids] = float(2 ** 52)  # beyond anything counted in one process: the top `size` stay these ids
+        return cls(vocab_size, int(ids.numel()), counts)
+
     def count(self, token_ids: list[int]) -> None:
         if token_ids:
             self.counts += torch.bincount(torch.tensor(token_ids), minlength=self.vocab_size)[: self.vocab_size]

@@ -16,7 +16,7 @@ from treespec.drafters.base import Drafter, DraftRequest
 from treespec.engine.cost_model import CostModel, allocate_nodes
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request, SpecCounters
-from treespec.engine.runner import ModelRunner, TreeWork, score_trees
+from treespec.engine.runner import ForwardOutput, ModelRunner, TreeWork, score_trees
 from treespec.engine.scheduler import Scheduler
 from treespec.errors import ConfigError
 from treespec.sampling import SamplingParams
@@ -96,15 +96,16 @@ class LLMEngine:
         draft = self.draft(plan.decodes, plan.node_budget)
         t0 = time.perf_counter()
         try:
-            hiddens = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
+            out = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
             for r in plan.decodes + [c.request for c in plan.prefills]:
                 r.finish(FinishReason.ERROR, f"forward failed: {e}")
             return self._finish_step()
         for c in plan.prefills:
             c.request.metrics.prefill_time_s += time.perf_counter() - t0
-        results = self.verify(plan.decodes, draft.trees, hiddens)
+        results = self.verify(plan.decodes, draft.trees, out.trees)
         self.commit(plan.decodes, draft, results)
+        self.share_features(plan, out, results)
         self.emit(plan.decodes, draft.trees, results)
         for r in plan.decodes:
             r.metrics.decode_time_s += time.perf_counter() - t0
@@ -173,6 +174,25 @@ class LLMEngine:
                 except Exception as e:  # noqa: BLE001 - drafter state is rebuilt from the request next step
                     log.warning("drafter observe failed: %s", e)
                     for r in requests:
+                        d.release(r)
+
+    def share_features(self, plan, out: ForwardOutput, results: list[VerifyResult]) -> None:
+        """Hand the target's hidden states of newly committed positions to drafters that read them (EAGLE heads):
+        each prefill chunk's rows and each verified tree's accepted path (root included)."""
+        readers = [d for d in self.drafters if getattr(d, "needs_features", False)]
+        if not readers:
+            return
+        shares = [(c.request, c.start, hidden) for c, hidden in zip(plan.prefills, out.prefills)]
+        # the root's position: the accepted path (root included) is committed already
+        shares += [(r, r.cache.length - len(res.path), hidden[res.path])
+                   for r, hidden, res in zip(plan.decodes, out.trees, results) if not r.finished]
+        for r, start, hidden in shares:
+            if r.speculate:
+                for d in readers:
+                    try:
+                        d.observe_features(r, start, hidden)
+                    except Exception as e:  # noqa: BLE001 - that drafter just stops drafting this request
+                        log.warning("drafter feature update failed: %s", e)
                         d.release(r)
 
     def emit(self, requests: list[Request], trees: list[TokenTree], results: list[VerifyResult]) -> None:

@@ -30,24 +30,33 @@ class TreeWork:
     tree: TokenTree
 
 
+@dataclass
+class ForwardOutput:
+    """Final hidden states of one forward: per tree [n, D] (scored by verification), per prefill chunk [m, D]
+    (features for drafters that read the target's hidden states)."""
+    trees: list[torch.Tensor]
+    prefills: list[torch.Tensor]
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
 
     @torch.inference_mode()
-    def forward(self, prefills: list[PrefillChunk], trees: list[TreeWork]) -> list[torch.Tensor]:
-        """Run one target forward; returns the final hidden states [n, D] of each tree (in order).
+    def forward(self, prefills: list[PrefillChunk], trees: list[TreeWork]) -> ForwardOutput:
+        """Run one target forward over every prefill chunk and tree (hidden states in that order).
 
         Prefill chunks are committed here; trees stay pending until the engine commits the accepted path.
         """
         tokens, positions, seqs = [], [], []
-        start = 0
+        start, prefill_rows = 0, []
         for c in prefills:
             n = c.end - c.start
             c.request.cache.reserve(n)
             tokens.append(torch.tensor(c.request.prompt_ids[c.start:c.end], dtype=torch.long))
             positions.append(torch.arange(c.start, c.end, dtype=torch.long))
             seqs.append(SeqAttention(cache=c.request.cache, start=start, n=n))
+            prefill_rows.append((start, n))
             start += n
         tree_rows = []
         for w in trees:
@@ -64,7 +73,7 @@ class ModelRunner:
         for c in prefills:
             c.request.cache.commit()
             c.request.num_prefilled = c.end
-        return [hidden[s:s + n] for s, n in tree_rows]
+        return ForwardOutput([hidden[s:s + n] for s, n in tree_rows], [hidden[s:s + n] for s, n in prefill_rows])
 
 
 def node_histories(request: Request, tree: TokenTree) -> list[list[int]]:
