@@ -1,4 +1,4 @@
-"""`treespec generate | inspect | bench | serve`. Bad input prints one line and exits 2, never a traceback."""
+"""`treespec generate | inspect | bench | serve | distill`. Bad input prints one line and exits 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from treespec.server.cli import add_serve_parser
     add_serve_parser(sub)
+    from treespec.distill.cli import add_distill_parser
+    add_distill_parser(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""`treespec distill`: learned drafters trained on the target's own generations (data, net, train, cli)."""
