@@ -58,8 +58,15 @@ def test_engine_config_errors(kwargs, field):
         EngineConfig(**kwargs)
 
 
-def test_auto_picks_available_drafters_and_takes_no_fields():
+def test_auto_picks_available_drafters_and_takes_no_fields(monkeypatch, tmp_path):
+    from treespec.drafters import registry
     s = SpecConfig.parse({"method": "auto"})
-    assert [d.method for d in s.drafters] == [DrafterMethod.NGRAM]
+    assert s.auto and [d.method for d in s.drafters] == [DrafterMethod.NGRAM]
+    assert registry.resolve_auto(s, tmp_path / "model.gguf").drafters == s.drafters  # nothing shipped for it
+    monkeypatch.setattr(registry, "shipped_drafters", lambda source: [tmp_path / "head"])
+    resolved = registry.resolve_auto(s, tmp_path / "model.gguf")
+    assert not resolved.auto
+    assert [(d.method, d.model) for d in resolved.drafters] == [(DrafterMethod.LEARNED, str(tmp_path / "head")),
+                                                               (DrafterMethod.NGRAM, None)]
     with pytest.raises(ConfigError, match="auto"):
         SpecConfig.parse({"method": "auto", "num_speculative_tokens": 3})

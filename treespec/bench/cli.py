@@ -8,6 +8,8 @@ from pathlib import Path
 
 METHOD_SHORTHANDS = {
     "ngram": {"method": "ngram"},
+    "auto": {"method": "auto"},
+    "layer_skip": {"method": "layer_skip", "draft_vocab_size": 32768},
 }
 
 
@@ -20,6 +22,8 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--dataset", default=None, help="JSONL with 'turns' or 'prompt' (default: shipped Spec-Bench)")
     b.add_argument("--limit", type=int, default=10, help="prompts per category")
     b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0, help="spec mode: 0 = greedy (default), else sampled")
+    b.add_argument("--seed", type=int, default=0, help="spec mode: sampling seed of every request")
     b.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--weight-quantization", choices=["none", "fp16", "int8"], default="none")
@@ -49,6 +53,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from treespec.errors import ConfigError
     if args.limit <= 0 or args.max_tokens <= 0:
         raise ConfigError("--limit and --max-tokens must be positive")
+    if not 0.0 <= args.temperature <= 10.0:
+        raise ConfigError("--temperature: must be in [0, 10]")
     if args.mode == "serve":
         from treespec.bench.serve import cmd_bench_serve
         return cmd_bench_serve(args)
@@ -65,12 +71,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from treespec.bench.report import markdown_table, write_outputs
     from treespec.bench.spec_bench import run_methods, summarize
     from treespec.sampling import SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed if args.temperature > 0 else None)
     records = run_methods(llm, methods, prompts, params, chat=not args.no_chat)
     summary = summarize(records)
     raw = {"methods": methods, "model": args.model, "max_tokens": args.max_tokens, "limit": args.limit,
-           "load_s": load_s, "records": [r.as_dict() for r in records]}
-    paths = write_outputs(Path(args.out), raw, summary, f"Spec-Bench, {args.model}, greedy, {args.max_tokens} tokens")
+           "temperature": args.temperature, "seed": params.seed, "load_s": load_s,
+           "records": [r.as_dict() for r in records]}
+    mode = "greedy" if args.temperature == 0 else f"T={args.temperature:g}"
+    paths = write_outputs(Path(args.out), raw, summary, f"Spec-Bench, {args.model}, {mode}, {args.max_tokens} tokens")
     print(markdown_table(summary))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -1,7 +1,7 @@
 """The distillation dataset: the target's own text, its features and its next-token distributions.
 
-1. Text: the target writes short "user texts" from generic seed prefixes (sampled), then continues each one
-   twice, wrapped in its chat template and raw, one greedy and one sampled. Or `--text FILE`, cut into pieces.
+1. Text: the target's own (distill/generate.py: sampled "user texts" from generic seed prefixes, continued
+   greedily or sampled, mostly through the chat template). Or `--text FILE`, cut into pieces.
 2. Draft vocabulary: the `draft_vocab` most frequent token ids of that text (ties: lower id first).
 3. Teacher pass: one target forward per sequence keeps its post-norm hidden states h (the features) and its top-K
    probabilities over the draft vocabulary (the labels; softmax over the subset only, as the draft sees it).
@@ -21,17 +21,13 @@ import torch
 from tqdm import tqdm
 
 from treespec.attention.metadata import SeqAttention
-from treespec.distill.seeds import SEED_PREFIXES
 from treespec.drafters.vocab import VocabSubset
 from treespec.errors import ConfigError
 from treespec.models.lm_head import capped
-from treespec.sampling import SamplingParams
 
 DATASET_FILE, DATASET_META = "dataset.safetensors", "dataset.json"
 FORMAT = 1
-USER_TEXT_TOKENS = 48    # length of the sampled "user text" after a seed prefix
 MAX_TEACHER_ROWS = 2048  # rows per teacher forward (several sequences packed ragged)
-GEN_WAVE = 64            # requests in the engine at once (its waiting queue is bounded)
 
 
 @dataclass(frozen=True)
@@ -139,56 +135,10 @@ def build_dataset(llm, cfg: DataConfig, out_dir: Path, progress: bool = True) ->
 
 # ---- 1. text ------------------------------------------------------------------------------------------------
 def generate_sequences(llm, cfg: DataConfig, progress: bool = True) -> list[list[int]]:
-    """num_samples sequences (prompt + output ids) written by the target; n-gram speculation keeps them exact.
-
-    Sample i continues user text i // 2: even i through the chat template, odd i raw; greedy when i + i // 2 is
-    even, so every user text gets one greedy and one sampled (T=1, top-p 0.95) continuation.
-    """
-    engine = llm.make_engine({"method": "ngram"})
-    max_len = engine.max_len
-    n_user = (cfg.num_samples + 1) // 2
-    seed_jobs = []
-    for u in range(n_user):
-        prefix = SEED_PREFIXES[u % len(SEED_PREFIXES)]
-        ids = llm.encode_prompt(prefix)[: max_len - 1]
-        seed_jobs.append((ids, SamplingParams(temperature=1.0, max_tokens=min(USER_TEXT_TOKENS, max_len - len(ids)),
-                                              seed=_request_seed(cfg.seed, 0, u))))
-    total = sum(p.max_tokens for _, p in seed_jobs)
-    with tqdm(total=total, desc="user texts", unit="tok", disable=not progress) as bar:
-        user_texts = [SEED_PREFIXES[u % len(SEED_PREFIXES)] + r.text for u, r in
-                      enumerate(run_requests(engine, seed_jobs, bar))]
-    jobs = []
-    for i in range(cfg.num_samples):
-        prompt = llm.encode_prompt(user_texts[i // 2], chat=i % 2 == 0)[: max_len - 1]
-        room = min(cfg.max_tokens, max_len - len(prompt))
-        if (i + i // 2) % 2 == 0:
-            params = SamplingParams(temperature=0.0, max_tokens=room)
-        else:
-            params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=room, seed=_request_seed(cfg.seed, 1, i))
-        jobs.append((prompt, params))
-    total = sum(p.max_tokens for _, p in jobs)
-    with tqdm(total=total, desc="generating", unit="tok", disable=not progress) as bar:
-        done = run_requests(engine, jobs, bar)
-    return [r.prompt_ids + r.output_ids for r in done if len(r.prompt_ids) + len(r.output_ids) >= 2]
-
-
-def _request_seed(seed: int, phase: int, i: int) -> int:
-    return (seed * 2 + phase) * 1_000_003 + i
-
-
-def run_requests(engine, jobs: list[tuple[list[int], SamplingParams]], bar: tqdm) -> list:
-    """Run every (prompt ids, params) job to the end, GEN_WAVE at a time; finished Requests in job order."""
-    reqs, live, nxt, done_tokens = [], [], 0, 0
-    while nxt < len(jobs) or live:
-        while nxt < len(jobs) and len(live) < GEN_WAVE:
-            live.append(engine.add_request(*jobs[nxt]))
-            reqs.append(live[-1])
-            nxt += 1
-        engine.step()
-        done_tokens += sum(r.params.max_tokens for r in live if r.finished)  # early EOS counts as done
-        live = [r for r in live if not r.finished]
-        bar.update(done_tokens + sum(len(r.output_ids) for r in live) - bar.n)
-    return reqs
+    """num_samples sequences (prompt + output ids) written by the target (see distill/generate.py)."""
+    from treespec.distill.generate import GenerationPlan, self_generated_sequences
+    seqs = self_generated_sequences(llm, GenerationPlan(cfg.num_samples, cfg.max_tokens, cfg.seed), progress)
+    return [s for s in seqs if len(s) >= 2]
 
 
 def text_sequences(llm, path: str, piece: int) -> list[list[int]]:
