@@ -63,10 +63,24 @@ def test_auto_picks_available_drafters_and_takes_no_fields(monkeypatch, tmp_path
     s = SpecConfig.parse({"method": "auto"})
     assert s.auto and [d.method for d in s.drafters] == [DrafterMethod.NGRAM]
     assert registry.resolve_auto(s, tmp_path / "model.gguf").drafters == s.drafters  # nothing shipped for it
-    monkeypatch.setattr(registry, "shipped_drafters", lambda source: [tmp_path / "head"])
+    head = tmp_path / "head"
+    head.mkdir()
+    monkeypatch.setattr(registry, "shipped_drafters", lambda source: [head])
+    assert registry.resolve_auto(s, tmp_path / "model.gguf").drafters == s.drafters  # no auto.json: not used
+    (head / "auto.json").write_text('{"use_in_auto": true, "drafter": {"num_speculative_tokens": 3}}')
     resolved = registry.resolve_auto(s, tmp_path / "model.gguf")
     assert not resolved.auto
-    assert [(d.method, d.model) for d in resolved.drafters] == [(DrafterMethod.LEARNED, str(tmp_path / "head")),
+    assert [(d.method, d.model) for d in resolved.drafters] == [(DrafterMethod.LEARNED, str(head)),
                                                                (DrafterMethod.NGRAM, None)]
+    assert resolved.drafters[0].num_speculative_tokens == 3
     with pytest.raises(ConfigError, match="auto"):
         SpecConfig.parse({"method": "auto", "num_speculative_tokens": 3})
+
+
+def test_spec_config_from_a_json_file(tmp_path):
+    f = tmp_path / "speculative.json"
+    f.write_text('{"drafters": [{"method": "ngram", "num_speculative_tokens": 3}]}')
+    assert SpecConfig.parse(str(f)).drafters[0].num_speculative_tokens == 3
+    f.write_text("{not json")
+    with pytest.raises(ConfigError, match="speculative_config"):
+        SpecConfig.parse(str(f))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from treespec.api import LLM
+from treespec.drafters.registry import SHIPPED_DIR
 from treespec.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,7 @@ PROMPTS = [
     "Translate to German: Good morning, how are you today?",
 ]
 NEW_TOKENS = 32
+SHIPPED = SHIPPED_DIR / "gemma-3-270m"
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +48,12 @@ def hf_greedy(llm: LLM) -> list[list[int]]:
     return outs
 
 
-def _run(llm: LLM, speculate: bool) -> list[list[int]]:
+def _run(llm: LLM, speculate: bool, engine=None) -> list[list[int]]:
+    engine = engine or llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    reqs = [llm.engine.add_request(llm.tokenizer.encode(p), params, speculate=speculate) for p in PROMPTS]
-    while llm.engine.has_unfinished():
-        llm.engine.step()
+    reqs = [engine.add_request(llm.tokenizer.encode(p), params, speculate=speculate) for p in PROMPTS]
+    while engine.has_unfinished():
+        engine.step()
     return [r.output_ids for r in reqs]
 
 
@@ -68,3 +71,18 @@ def test_ngram_speculation_accepts_on_a_repetitive_prompt(llm: LLM) -> None:
     while llm.engine.has_unfinished():
         llm.engine.step()
     assert req.metrics.num_accepted_tokens > 0 and req.metrics.num_steps < NEW_TOKENS
+
+
+HEAD = {"method": "learned", "model": str(SHIPPED)}
+
+
+@pytest.mark.parametrize("spec", [HEAD, {"drafters": [HEAD, {"method": "ngram"}]},
+                                  {"method": "layer_skip", "draft_vocab_size": 32768}],
+                         ids=["shipped_head", "shipped_head_and_ngram", "layer_skip"])
+def test_other_drafters_greedy_equal_transformers(llm: LLM, hf_greedy: list[list[int]], spec: dict) -> None:
+    """The head shipped for this model (alone, merged with n-gram) and self-speculation change nothing; the head
+    gets drafts accepted."""
+    engine = llm.make_engine(spec)
+    assert _run(llm, speculate=True, engine=engine) == hf_greedy
+    if spec is HEAD:
+        assert engine.stats.num_accepted_tokens > 0

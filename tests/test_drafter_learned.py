@@ -207,3 +207,13 @@ def test_sampled_tokens_follow_the_target(sampling):
     counts = sample_first_two_with_features(drafter, table, hidden, params, sampling, 20_000)
     assert sum(counts.values()) == 20_000
     assert chi_squared_p_value(counts, table) > 0.01
+
+
+def test_shipped_drafter_is_small_and_found_for_the_default_model():
+    from treespec.drafters.registry import SHIPPED_DIR, shipped_drafters
+    from treespec.weights.loader import resolve_model
+    shipped = SHIPPED_DIR / "gemma-3-270m"
+    assert sum(f.stat().st_size for f in shipped.iterdir()) <= 25 * 2**20
+    cfg, tensors, ids = load_drafter(shipped)
+    assert cfg.kind is DraftNetKind.HEAD and cfg.target == "gemma-3-270m" and ids.numel() == cfg.draft_vocab_size
+    assert shipped_drafters(resolve_model("gemma-3-270m")) == [shipped]

@@ -17,8 +17,10 @@ Accepted speculative configs:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from treespec.errors import ConfigError
@@ -143,10 +145,15 @@ class SpecConfig:
 
     @classmethod
     def parse(cls, spec: "SpecConfig | dict | str | None") -> "SpecConfig":
-        """From a SpecConfig, a dict or a JSON string (the CLI's --speculative-config)."""
+        """From a SpecConfig, a dict, a JSON string or the path of a JSON file (the CLI's --speculative-config)."""
         if spec is None or isinstance(spec, SpecConfig):
             return spec or cls()
         if isinstance(spec, str):
+            if not spec.lstrip().startswith("{") and os.path.isfile(spec):  # a JSON file (distill's speculative.json)
+                try:
+                    spec = Path(spec).read_text()
+                except OSError as e:
+                    raise ConfigError(f"speculative_config: cannot read {spec!r}: {e}") from None
             try:
                 spec = json.loads(spec)
             except json.JSONDecodeError as e:

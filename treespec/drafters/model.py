@@ -30,6 +30,20 @@ from treespec.verify import VerifyResult
 _CHUNK = 256  # catch-up tokens per request per draft forward
 
 
+@dataclass
+class SubsetQ:
+    """Greedy requests' q rows over a truncated draft vocabulary: probs [n, N] of target ids `ids` [N] (zero
+    elsewhere). Their children are the top-k, so the 262k-wide rows of the full form are never built."""
+    probs: torch.Tensor
+    ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def __iter__(self):
+        return (SubsetQ(row, self.ids) for row in self.probs)
+
+
 class Growth:
     """One request's tree, grown level by level: `frontier` are the nodes whose q the next forward computes.
 
@@ -43,20 +57,25 @@ class Growth:
         self.kind, self.generator, self.drafter, self.budget = kind, generator, drafter, budget
         self.frontier: list[int] = [0]
 
-    def extend(self, q: torch.Tensor) -> None:  # q: [len(frontier), V]
+    def extend(self, q: torch.Tensor | SubsetQ) -> None:  # q: [len(frontier), V]
         raise NotImplementedError
 
     def result(self) -> TokenTree:
         """The root and the `budget` best nodes (pruned proposals stay as dropped stages, so sampling stays exact)."""
         return prune_tree(self.tree, self.budget)
 
-    def add_children(self, node: int, q: torch.Tensor, k: int) -> list[int]:  # q: [V]
+    def add_children(self, node: int, q: torch.Tensor | SubsetQ, k: int) -> list[int]:  # q: [V] or a SubsetQ row
         """Draw k children of `node` from q and add them; returns the distinct children in draw order."""
         row = None if self.kind is DraftKind.DETERMINISTIC else q
+        if isinstance(q, SubsetQ):  # greedy: the top-k of the subset
+            top = torch.topk(q.probs, min(k, int((q.probs > 0).sum())))
+            draws = list(zip(q.ids[top.indices].tolist(), top.values.tolist()))
+        else:
+            draws = [(tok, float(q[tok])) for tok in draw_children(q, k, self.kind, self.generator)]
         children: list[int] = []
-        for tok in draw_children(q, k, self.kind, self.generator):
+        for tok, p in draws:
             child = self.tree.add_child(node, tok, Proposal(self.drafter, self.kind, row),
-                                        score=float(self.tree.scores[node] * q[tok]))
+                                        score=float(self.tree.scores[node]) * p)
             if child not in children:
                 children.append(child)
         return children
@@ -250,18 +269,23 @@ class ModelDrafter:
             for f in feeds:
                 f.cache.commit()
 
-    def _feed(self, jobs: list[_Job]) -> list[torch.Tensor]:
-        """One draft forward over every job's frontier; returns each job's q rows [len(frontier), V]."""
+    def _feed(self, jobs: list[_Job]) -> list[torch.Tensor | SubsetQ]:
+        """One draft forward over every job's frontier; returns each job's q rows [len(frontier), V]
+        (a SubsetQ when the draft has a truncated vocabulary and every job is greedy without penalties)."""
         feeds = [self._frontier_feed(j) for j in jobs]
         hidden = self._forward(feeds)
         starts = itertools.accumulate((len(f.tokens) for f in feeds), initial=0)
         rows = [s + i for f, s in zip(feeds, starts) for i in f.q_rows]
-        logits = fit_vocabulary(self.model.logits(hidden[rows]), self.vocab_size)
+        if compact := (hasattr(self.model, "subset_logits")
+                       and all(j.draft.request.params.greedy and not _penalised(j.draft.request.params) for j in jobs)):
+            probs, ids = torch.softmax(self.model.subset_logits(hidden[rows]), dim=-1), self.model.vocab_ids()
+        else:
+            logits = fit_vocabulary(self.model.logits(hidden[rows]), self.vocab_size)
         qs, at = [], 0
         for j in jobs:
             n = len(j.growth.frontier)
             j.state.out.update(zip(j.growth.frontier, hidden[rows[at:at + n]]))
-            qs.append(self._probs(j, logits[at:at + n]))
+            qs.append(SubsetQ(probs[at:at + n], ids) if compact else self._probs(j, logits[at:at + n]))
             at += n
         return qs
 
@@ -318,12 +342,16 @@ class ModelDrafter:
         """q at the job's frontier nodes: logits [n, V] processed like the target's p."""
         r, tree = job.draft.request, job.growth.tree
         params = r.params
-        if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        if _penalised(params):
             histories = [r.output_ids + tree.tokens[tree.path_to(u)[1:]].tolist() for u in job.growth.frontier]
             logits = apply_penalties(logits, params, r.prompt_ids, histories)
         if params.greedy:
             return torch.softmax(logits.float(), dim=-1)
         return logits_to_probs(logits, params)
+
+
+def _penalised(params) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 # ---- vocabulary -------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Build the drafters a SpecConfig names; `method: auto` adds the drafters shipped for the loaded model."""
+"""Build the drafters a SpecConfig names; `method: auto` adds the drafters shipped for the loaded model (if they pay)."""
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +47,24 @@ def shipped_drafters(source: Path) -> list[Path]:
 
 
 def resolve_auto(spec: SpecConfig, source: Path) -> SpecConfig:
-    """`method: auto` -> its n-gram drafter merged with every drafter shipped for this model."""
+    """`method: auto` -> its n-gram drafter merged with the drafters shipped for this model that pay.
+
+    A shipped drafter joins only if its `auto.json` says `"use_in_auto": true`, which records a Spec-Bench
+    measurement (merged vs n-gram alone, same run); drafting settings come from the same file.
+    """
     if not spec.auto:
         return spec
-    learned = [DrafterConfig(DrafterMethod.LEARNED, model=str(p)) for p in shipped_drafters(source)]
+    learned = []
+    for path in shipped_drafters(source):
+        policy = _auto_policy(path)
+        if policy.get("use_in_auto") is True:
+            learned.append(DrafterConfig(DrafterMethod.LEARNED, model=str(path), **policy.get("drafter", {})))
     return dataclasses.replace(spec, drafters=learned + list(spec.drafters), auto=False)
+
+
+def _auto_policy(path: Path) -> dict:
+    try:
+        policy = json.loads((path / "auto.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return policy if isinstance(policy, dict) else {}

@@ -93,8 +93,8 @@ class LLMEngine:
     def step(self) -> list[Request]:
         """Advance every running request by one target forward; returns requests that emitted or finished."""
         plan = self.scheduler.schedule()
+        t0 = time.perf_counter()  # decode time includes drafting: it is part of the cost of a speculative step
         draft = self.draft(plan.decodes, plan.node_budget)
-        t0 = time.perf_counter()
         try:
             out = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine

@@ -180,6 +180,12 @@ class DraftNet(torch.nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
         return self.head.logits(hidden)
 
+    def subset_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, N] over vocab_ids()
+        return self.head.subset_logits(hidden)
+
+    def vocab_ids(self) -> torch.Tensor:  # -> [N] the draft vocabulary (target ids, ascending)
+        return self.head.ids()
+
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=torch.float32)
