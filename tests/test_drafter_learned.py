@@ -56,13 +56,13 @@ def target_and_features(vocab: int = 64, n: int = 20):
     return target, tokens, hidden
 
 
-def test_runtime_net_equals_training_passes():
+def test_runtime_net_equals_training_passes(tmp_path):
     target, x, h = target_and_features()
     ids = torch.arange(0, 64, 2)
     tnet = train_net(target, DraftNetKind.HEAD, ids)
     with torch.no_grad():
         outs = tnet.unrolled(x[None, 1:], h[None, :-1], passes=2)
-    cfg, tensors, vids = load_drafter(save(tnet, ids, _tmp()))
+    cfg, tensors, vids = load_drafter(save(tnet, ids, tmp_path))
     net = DraftNet(cfg, tensors, vids, target)
     n = x.numel() - 1
     cache = net.new_cache(64)
@@ -82,12 +82,6 @@ def test_runtime_net_equals_training_passes():
     torch.testing.assert_close(logits[:, ids], tnet.logits(outs[0][0]), rtol=1e-3, atol=1e-3)
 
 
-def _tmp():
-    import tempfile
-    from pathlib import Path
-    return Path(tempfile.mkdtemp())
-
-
 def run(target, spec: dict | None, prompts=PROMPTS, params=GREEDY):
     spec_cfg = SpecConfig.parse(spec)
     engine = LLMEngine(target, StubTokenizer(), EngineConfig(model="tiny", max_num_batched_tokens=64), spec_cfg,
@@ -99,13 +93,13 @@ def run(target, spec: dict | None, prompts=PROMPTS, params=GREEDY):
 
 
 @pytest.fixture(scope="module")
-def drafter_dirs():
+def drafter_dirs(tmp_path_factory):
     target = build(tiny_llama(64, seed=0))
     out = {}
     for name, kind, ids, seed in (("head", DraftNetKind.HEAD, torch.arange(40), 0),
                                   ("head_b", DraftNetKind.HEAD, torch.arange(10, 64), 1),
                                   ("ssm", DraftNetKind.SSM, torch.arange(64), 2)):
-        out[name] = save(train_net(target, kind, ids, seed), ids, _tmp())
+        out[name] = save(train_net(target, kind, ids, seed), ids, tmp_path_factory.mktemp(name))
     return target, out
 
 
@@ -195,13 +189,13 @@ def sample_first_two_with_features(drafter, table, hidden, params, sampling, sam
 
 
 @pytest.mark.parametrize("sampling", list(DraftSampling), ids=lambda s: s.value)
-def test_sampled_tokens_follow_the_target(sampling):
+def test_sampled_tokens_follow_the_target(sampling, tmp_path):
     target = build(tiny_llama(CHI_VOCAB, seed=11))
     params = SamplingParams(temperature=1.0, max_tokens=8)
     table = path_table(target, CHI_PROMPT, 3, params)
     hidden = hidden_table(target, CHI_PROMPT, 3)
     ids = torch.tensor([0, 1, 2, 4, 5, 7])
-    path = save(train_net(target, DraftNetKind.HEAD, ids, seed=3), ids, _tmp())
+    path = save(train_net(target, DraftNetKind.HEAD, ids, seed=3), ids, tmp_path)
     spec = SpecConfig.parse({"method": "learned", "model": path, "num_speculative_tokens": 2, "expansion": [2, 1]})
     drafter = build_drafters(spec, target, None)[0]
     counts = sample_first_two_with_features(drafter, table, hidden, params, sampling, 20_000)
