@@ -108,20 +108,20 @@ def test_loss_ignores_padding_zero_weight_rows_and_unrooted_rows(llm, data):
     weights[a + 5:a + 9] = 0.0
     b = gather(data, [Window(2, 0, 20), Window(3, 1, 24)], 24, weights)  # window 0: 4 padding rows
     assert b.num_rows == 44 and b.weights[0, 5:9].sum() == 0 and b.weights[0, 20:].sum() == 0
-    loss = batch_loss(net, b, cfg, None)
+    loss = batch_loss(net, b, cfg)
     ignored = b.weights == 0
     gen = torch.Generator().manual_seed(0)
     b.label_ids[ignored] = torch.randint(0, 200, b.label_ids[ignored].shape, generator=gen)
     b.next_features[ignored] += 5.0
     b.tokens[0, 20:] = 7  # padding follows the real rows: causal attention never lets them see it
-    torch.testing.assert_close(batch_loss(net, b, cfg, None), loss)
+    torch.testing.assert_close(batch_loss(net, b, cfg), loss)
     one_pass = TrainConfig("head", unroll=1, seq_len=24, **SMALL_NET)
-    second_pass = loss - batch_loss(net, b, one_pass, None)  # pass 0 does not depend on later passes
+    second_pass = loss - batch_loss(net, b, one_pass)  # pass 0 does not depend on later passes
     b.label_ids[:, 0] = torch.randint(0, 200, b.label_ids[:, 0].shape, generator=gen)  # row 0: pass 0 only
-    assert not torch.allclose(batch_loss(net, b, cfg, None), loss)
-    torch.testing.assert_close(batch_loss(net, b, cfg, None) - batch_loss(net, b, one_pass, None), second_pass)
+    assert not torch.allclose(batch_loss(net, b, cfg), loss)
+    torch.testing.assert_close(batch_loss(net, b, cfg) - batch_loss(net, b, one_pass), second_pass)
     b.weights.zero_()
-    assert float(batch_loss(net, b, cfg, None).detach()) == 0.0
+    assert float(batch_loss(net, b, cfg).detach()) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["head", "ssm"])

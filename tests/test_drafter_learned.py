@@ -39,7 +39,7 @@ def train_net(target, kind: DraftNetKind, vocab_ids: torch.Tensor, seed: int = 0
                          num_kv_heads=2, head_dim=8, intermediate_size=48)
     g = torch.Generator().manual_seed(seed)
     return TrainDraftNet(cfg, target.embed_tokens.weight, target.embed_tokens.scale,
-                         target.lm_head.weight[vocab_ids], g)
+                         target.lm_head.weight[vocab_ids], g, target.lm_head.softcap)
 
 
 def save(net: TrainDraftNet, vocab_ids: torch.Tensor, path) -> str:

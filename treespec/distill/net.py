@@ -15,16 +15,19 @@ import torch.nn.functional as F
 
 from treespec.models.draft_net import DraftNetConfig, block_tensor_shapes
 from treespec.models.layers import RotaryTable, apply_rope
+from treespec.models.lm_head import capped
 
 
 class TrainDraftNet(torch.nn.Module):
     """Parameters named as block_tensor_shapes names them (dots -> the ParameterDict's '/' keys)."""
 
     def __init__(self, cfg: DraftNetConfig, embed: torch.Tensor, embed_scale: float | None,
-                 head_rows: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """embed: [V, D] the target's input embedding; head_rows: [N, D] its output rows of the draft vocab."""
+                 head_rows: torch.Tensor, generator: torch.Generator | None = None,
+                 softcap: float | None = None) -> None:
+        """embed: [V, D] the target's input embedding; head_rows: [N, D] its output rows of the draft vocab;
+        softcap: the target head's final logit softcap (the runtime's truncated head applies it too)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.softcap = cfg, softcap
         self.register_buffer("embed", embed, persistent=False)
         self.register_buffer("head_rows", head_rows, persistent=False)
         self.embed_scale = embed_scale
@@ -52,7 +55,7 @@ class TrainDraftNet(torch.nn.Module):
                 self.params[k.replace(".", "/")].copy_(v)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [..., D] -> [..., N] over the draft vocab
-        return hidden @ self.head_rows.T
+        return capped(hidden @ self.head_rows.T, self.softcap)
 
     def unrolled(self, tokens: torch.Tensor, features: torch.Tensor | None, passes: int) -> list[torch.Tensor]:
         """Output hidden states of each pass, [B, L, D] each.

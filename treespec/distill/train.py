@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from treespec.distill.batches import Window, batched, gather, sample_windows, split, tile_windows
 from treespec.distill.checkpoint import Checkpoint, load_checkpoint, remove_checkpoint, restore, save_checkpoint
-from treespec.distill.data import DistillData, subset_logits
+from treespec.distill.data import DistillData
 from treespec.distill.net import TrainDraftNet
 from treespec.errors import ConfigError
 from treespec.models.draft_net import WEIGHTS_FILE, DraftNetConfig, DraftNetKind, load_drafter, save_drafter
@@ -121,10 +121,10 @@ def draft_config(model, data: DistillData, cfg: TrainConfig, target_name: str = 
 def new_net(model, data: DistillData, dcfg: DraftNetConfig, seed: int) -> TrainDraftNet:
     head_rows = model.lm_head.weight[data.vocab_ids]
     return TrainDraftNet(dcfg, model.embed_tokens.weight.detach(), model.embed_tokens.scale, head_rows,
-                         torch.Generator().manual_seed(seed))
+                         torch.Generator().manual_seed(seed), model.lm_head.softcap)
 
 
-def batch_loss(net: TrainDraftNet, b, cfg: TrainConfig, softcap: float | None) -> torch.Tensor:
+def batch_loss(net: TrainDraftNet, b, cfg: TrainConfig) -> torch.Tensor:
     """Sum over passes of the row-weighted mean loss (pass j scores rows t >= j)."""
     outs = net.unrolled(b.tokens, b.features if net.cfg.features else None, cfg.passes)
     total = torch.zeros(())
@@ -132,7 +132,7 @@ def batch_loss(net: TrainDraftNet, b, cfg: TrainConfig, softcap: float | None) -
         w = b.weights.clone()
         w[:, :j] = 0.0
         denom = w.sum().clamp(min=1.0)
-        logq = subset_logits(out, net.head_rows, softcap).log_softmax(dim=-1)   # [B, L, N]
+        logq = net.logits(out).log_softmax(dim=-1)                            # [B, L, N]
         ce = -(b.label_probs * logq.gather(-1, b.label_ids)).sum(-1)          # [B, L]
         loss = (ce * w).sum() / denom
         if net.cfg.features and cfg.feature_weight:
@@ -243,7 +243,6 @@ def _train_one(model, data: DistillData, cfg: TrainConfig, dcfg: DraftNetConfig,
         restore(ckpt, net, opt)
         gen.set_state(ckpt.rng)
         step = ckpt.step
-    softcap = model.lm_head.softcap
     eval_windows = tile_windows(data, eval_seqs, cfg.seq_len)
     acc_start = acc = evaluate(net, data, eval_windows, cfg)
     rows, t0, loss = 0, time.perf_counter(), float("nan")
@@ -254,7 +253,7 @@ def _train_one(model, data: DistillData, cfg: TrainConfig, dcfg: DraftNetConfig,
                 group["lr"] = cfg.lr_at(step)
             b = gather(data, sample_windows(data, train_seqs, cfg.batch_size, cfg.seq_len, gen), cfg.seq_len, weights)
             opt.zero_grad(set_to_none=True)
-            total = batch_loss(net, b, cfg, softcap)
+            total = batch_loss(net, b, cfg)
             total.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
             opt.step()
