@@ -86,3 +86,40 @@ def test_other_drafters_greedy_equal_transformers(llm: LLM, hf_greedy: list[list
     assert _run(llm, speculate=True, engine=engine) == hf_greedy
     if spec is HEAD:
         assert engine.stats.num_accepted_tokens > 0
+
+
+def _run_sampled(llm: LLM, speculate: bool, seeds: range) -> list[list[int]]:
+    reqs = [llm.engine.add_request(llm.tokenizer.encode(p), SamplingParams(temperature=1.0, seed=s,
+                                                                           max_tokens=NEW_TOKENS, ignore_eos=True),
+                                   speculate=speculate) for p in PROMPTS for s in seeds]
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    return [r.output_ids for r in reqs]
+
+
+def test_seeded_sampling_through_the_screen_is_the_same_with_ngram_speculation(llm: LLM) -> None:
+    """T = 1 draws are Gumbel-max through the fp16 screen (models/head_sampler.py); with n-gram drafts the same
+    (seed, position) noise gives the same tokens as plain sampling, and the screen decides the draws."""
+    stats = llm.target.lm_head.stats
+    before = stats.screened
+    plain = _run_sampled(llm, speculate=False, seeds=range(2))
+    spec = _run_sampled(llm, speculate=True, seeds=range(2))
+    assert spec == plain
+    assert stats.screened - before >= 2 * len(PROMPTS) * NEW_TOKENS
+
+
+@torch.inference_mode()
+def test_screened_draws_equal_brute_force_on_real_hidden_states(llm: LLM) -> None:
+    from treespec.attention.metadata import single
+    from treespec.models.head_sampler import exact_logits, gumbel, gumbel_sample
+    model, head = llm.target, llm.target.lm_head
+    ids = torch.tensor(llm.tokenizer.encode(PROMPTS[1] + PROMPTS[3]))
+    cache = model.new_cache(len(ids))
+    cache.reserve(len(ids))
+    hidden = model(ids, torch.arange(len(ids)), single(cache, len(ids)))
+    g = torch.Generator().manual_seed(0)
+    for h in hidden[-12:]:
+        u = torch.rand(head.vocab_size, generator=g, dtype=torch.float64)
+        x = exact_logits(head, h)
+        for t in (1.0, 0.5):
+            assert gumbel_sample(head, h, u, t, head.screen_logits(h[None])[0]) == int((x / t + gumbel(u)).argmax())

@@ -14,16 +14,23 @@ from treespec.attention.metadata import SeqAttention, single
 from treespec.errors import ModelLoadError
 from treespec.models import ModelConfig, ModelType, build_model
 from treespec.models.config import RopeConfig, RopeType
-from treespec.models.layers import Linear, RotaryTable
+from treespec.models.layers import Linear, RotaryTable, pack_linears
 
 TOL = 1e-4
 PROMPT = 12  # longer than the sliding window
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(f, packed) for f in FAMILIES for packed in (False, True)],
+                ids=lambda p: f"{p[0]}{'-packed' if p[1] else ''}")
 def pair(request):
-    hf = hf_model(request.param)
-    return hf, twin(hf)
+    """HF model and its treespec twin; `packed`: every projection through oneDNN (tiny weights are normally
+    left unpacked), so the 3+-row path is checked against HF too."""
+    family, packed = request.param
+    hf = hf_model(family)
+    model = twin(hf)
+    if packed:
+        assert pack_linears(model, min_numel=0) > 0
+    return hf, model
 
 
 @torch.inference_mode()
@@ -223,12 +230,25 @@ def test_every_model_type_has_a_class():
 
 # ------------------------------------------------------------------------------------------ fast paths
 
-@pytest.mark.parametrize("rows", [1, 5, 64, 65])
-def test_linear_fast_path_equals_f_linear(rows):
+@pytest.mark.parametrize("packed", [False, True], ids=["blas", "packed"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 64, 65, 300])
+def test_linear_fast_path_equals_f_linear(rows, packed):
     torch.manual_seed(8)
     lin = Linear(24, 40, bias=True)
+    assert lin.pack() if packed else lin.packed is None
     x = torch.randn(rows, 24)
     torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=0)
+
+
+def test_reloading_a_linear_drops_its_stale_packed_copy():
+    from treespec.models.layers import _set_linear
+    lin = Linear(24, 40, bias=False)
+    lin.weight = torch.nn.Parameter(torch.randn(40, 24), requires_grad=False)
+    assert lin.pack()
+    _set_linear(lin, torch.randn(40, 24), None)
+    assert lin.packed is None
+    x = torch.randn(4, 24)
+    torch.testing.assert_close(lin(x), x @ lin.weight.t(), atol=1e-5, rtol=0)
 
 
 def test_rope_table_grows_on_demand():

@@ -16,6 +16,7 @@ from treespec.config import DrafterMethod, EngineConfig, SpecConfig
 from treespec.drafters.model import ModelDrafter
 from treespec.drafters.ngram import NgramDrafter
 from treespec.engine.engine import LLMEngine
+from treespec.models.layers import pack_linears
 from treespec.sampling import SamplingParams
 
 VOCAB = 64
@@ -75,6 +76,16 @@ def test_speculative_greedy_equals_plain_greedy(models, plain, name):
     assert 0 < accepted < drafted  # drafts were both accepted and rejected: both paths ran
     if "budget" in SPECS[name]:
         assert all(r.metrics.num_draft_tokens <= 5 * r.metrics.num_steps for r in reqs)
+
+
+def test_packed_target_speculative_greedy_equals_plain_greedy(models, plain):
+    """The same with every projection of the target through oneDNN (trees of 3+ rows take it, single rows not)."""
+    spec = tiny_llama(VOCAB, seed=0)
+    target = build(spec)
+    assert pack_linears(target, min_numel=0) > 0
+    packed = {**models, "target": target}
+    assert [r.output_ids for r in generate(packed, None)] == plain
+    assert [r.output_ids for r in generate(packed, SPECS["ngram_and_ssm"])] == plain
 
 
 @pytest.mark.parametrize("shape", [{"branch": 1}, {"expansion": [1, 1, 3, 1]}], ids=["chain", "static"])

@@ -8,7 +8,7 @@ import torch
 
 from treespec.config import EngineConfig, SpecConfig, WeightQuantization
 from treespec.drafters.registry import build_drafters, resolve_auto
-from treespec.engine.cost_model import CostModel
+from treespec.engine.cost_model import CALIBRATION_TEXT, CostModel
 from treespec.engine.engine import LLMEngine
 from treespec.engine.request import Request
 from treespec.errors import ConfigError
@@ -63,7 +63,8 @@ class LLM:
         drafters = build_drafters(spec, self.target, self.tokenizer)
         if spec.enabled and spec.budget is None and self._cost is None:
             key = f"{self.checkpoint_source}|{self.config.weight_quantization.value}"
-            self._cost = CostModel.load_or_measure(self.target, key)
+            text = self.tokenizer.encode(CALIBRATION_TEXT)
+            self._cost = CostModel.load_or_measure(self.target, key, text)
         return LLMEngine(self.target, self.tokenizer, self.config, spec, drafters, self._cost)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:

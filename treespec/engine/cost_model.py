@@ -18,7 +18,15 @@ import torch
 
 
 GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-_VERSION = 2  # bump when the forward's speed changes enough to invalidate cached measurements
+# Ordinary prose for the measurement (see CostModel.measure), tokenized by the model's own tokenizer.
+CALIBRATION_TEXT = (
+    "The old lighthouse keeper climbed the narrow stairs every evening at dusk. He checked the lamp, wiped the "
+    "salt from the windows and wrote the weather in a worn notebook: wind from the west, light rain, three ships "
+    "passing north. In winter the storms were long and the supply boat came only twice a month, so he kept a "
+    "garden of potatoes and onions behind the house and read the same books again. Questions people asked him "
+    "most often: was he lonely, how did the lamp work, and why did he stay. He answered that the sea was never "
+    "the same two days in a row, and that someone had to keep the light burning for those who were still out.")
+_VERSION = 3  # bump when the forward's speed changes enough to invalidate cached measurements
 
 
 class CostCurve:
@@ -53,12 +61,18 @@ class CostModel:
 
     @classmethod
     @torch.inference_mode()
-    def measure(cls, model: torch.nn.Module, prefix: int = 128, repeats: int = 3) -> "CostModel":
+    def measure(cls, model: torch.nn.Module, text: list[int] | None = None, prefix: int = 128,
+                repeats: int = 3) -> "CostModel":
+        """text: token ids of ordinary text, repeated to length. Random ids make many rows near-ties, which send
+        the head's exact argmax to its slow fallback far more often than real text does (Gemma 3 270M: c(12)
+        83 ms on random ids, 57 ms on text); random ids are only the fallback when no text is given."""
         from treespec.attention.metadata import single
-        # Ordinary text tokens: degenerate inputs (all pad) make the head's exact argmax take its slow path.
-        vocab = model.config.vocab_size
-        tokens = torch.randint(min(100, vocab - 1), vocab, (prefix + max(GRID) + 1,),
-                               generator=torch.Generator().manual_seed(0))
+        need = prefix + max(GRID) + 1
+        if text:
+            tokens = torch.tensor((list(text) * (need // len(text) + 1))[:need], dtype=torch.long)
+        else:
+            vocab = model.config.vocab_size
+            tokens = torch.randint(min(100, vocab - 1), vocab, (need,), generator=torch.Generator().manual_seed(0))
         cache = model.new_cache(prefix + max(GRID) + 1)
         cache.reserve(prefix)
         model(tokens[:prefix], torch.arange(prefix), single(cache, prefix))
@@ -78,7 +92,7 @@ class CostModel:
         return cls(**curves)
 
     @classmethod
-    def load_or_measure(cls, model: torch.nn.Module, key: str) -> "CostModel":
+    def load_or_measure(cls, model: torch.nn.Module, key: str, text: list[int] | None = None) -> "CostModel":
         """Measure once per model, device and thread count; cached under ~/.cache/treespec."""
         tag = f"{key}|{torch.get_num_threads()}|{torch.__version__}|{_VERSION}"
         digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
@@ -88,7 +102,7 @@ class CostModel:
             return cls(**{k: {int(n): float(t) for n, t in v.items()} for k, v in raw.items()})
         except (OSError, ValueError, TypeError):
             pass
-        cm = cls.measure(model)
+        cm = cls.measure(model, text)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cm.as_dict()))

@@ -16,14 +16,14 @@ from treespec.drafters.base import Drafter, DraftRequest
 from treespec.engine.cost_model import CostModel, allocate_nodes
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request, SpecCounters
-from treespec.engine.runner import ForwardOutput, ModelRunner, TreeWork, score_trees
+from treespec.engine.runner import ForwardOutput, HeadPath, ModelRunner, TreeWork, head_path, score_trees
 from treespec.engine.scheduler import Scheduler
 from treespec.errors import ConfigError
 from treespec.sampling import SamplingParams
 from treespec.tokenizer import IncrementalDetokenizer, Tokenizer
 from treespec.tree.build import merge_trees, prune_tree
 from treespec.tree.token_tree import TokenTree
-from treespec.verify import VerifyResult, verify_greedy, verify_stochastic
+from treespec.verify import VerifyResult, follow_target, verify_greedy, verify_stochastic
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,8 @@ class LLMEngine:
             try:
                 if s.argmax is not None:
                     results.append(verify_greedy(tree, s.argmax))
+                elif s.sampler is not None:
+                    results.append(follow_target(tree, s.sampler))
                 else:
                     k0 = len(r.output_ids)
                     results.append(verify_stochastic(tree, s.probs, r.generator,
@@ -228,8 +230,8 @@ class LLMEngine:
         if self.spec.budget is not None or self.cost_model is None:
             return [prune_tree(t, min(self.spec.budget or share, share)) for t in trees]
         scores = [torch.sort(t.scores[1:], descending=True).values for t in trees]
-        sampling = any(not r.params.greedy for r in requests)
-        curve = self.cost_model.sampled if sampling else self.cost_model.greedy
+        full = any(head_path(r, t) is HeadPath.FULL for r, t in zip(requests, trees))
+        curve = self.cost_model.sampled if full else self.cost_model.greedy  # Gumbel draws cost like argmax
         counts = allocate_nodes(scores, curve, self.draft_cost_s, node_budget)
         return [prune_tree(t, k) for t, k in zip(trees, counts)]
 

@@ -92,6 +92,12 @@ class Request:
         g = torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63)
         return float(torch.rand((), generator=g, dtype=torch.float64))
 
+    def output_noise(self, k: int, vocab_size: int) -> torch.Tensor:  # -> [vocab_size] float64
+        """The uniforms behind the Gumbel-max draw of output token k (fixed per seed and position, like
+        output_uniform, from a different stream)."""
+        g = torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63 ^ 0x5851F42D4C957F2D)
+        return torch.rand(vocab_size, generator=g, dtype=torch.float64)
+
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids

@@ -2,17 +2,19 @@
 
 Each request contributes either a prefill chunk (a causal chain of prompt tokens whose logits nobody needs)
 or a token tree (root = last emitted token, then the draft nodes; positions = committed length + depth).
-The target scores every tree node in that single forward; `TargetScores` then hands out per-node argmax
-or processed probabilities (`score_trees`, one head call for the whole batch).
+The target scores every tree node in that single forward; `TargetScores` then hands out per-node argmax, the
+target's own draws, or processed probabilities (`score_trees`, one head call for the whole batch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.engine.request import Request
+from treespec.models.head_sampler import NodeSampler
 from treespec.sampling import apply_penalties, logits_to_probs
 from treespec.tree.token_tree import TokenTree
 
@@ -87,22 +89,56 @@ def node_histories(request: Request, tree: TokenTree) -> list[list[int]]:
 
 @dataclass
 class TargetScores:
-    """The target's verdict at every node of one request's tree: argmax [n] (greedy) or probabilities p [n, V]."""
+    """The target's verdict at every node of one request's tree: argmax [n] (greedy), its own draw at each
+    visited node (sampling with one-hot drafts: `sampler(node)`), or probabilities p [n, V]."""
     argmax: torch.Tensor | None = None
     probs: torch.Tensor | None = None
+    sampler: NodeSampler | None = None
+
+
+class HeadPath(Enum):
+    """How the head scores a request's tree (cheapest that is exact for its parameters and drafts)."""
+    ARGMAX = "argmax"     # greedy without penalties: the fp16 screen's certified argmax
+    GUMBEL = "gumbel"     # temperature-only sampling, one-hot drafts: Gumbel-max draws through the screen
+    FULL = "full"         # anything else: fp32 logits, penalties, sampling transforms, full distributions
+
+
+def head_path(request: Request, tree: TokenTree) -> HeadPath:
+    p = request.params
+    if _has_penalties(p):
+        return HeadPath.FULL
+    if p.greedy:
+        return HeadPath.ARGMAX
+    plain_temperature = p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
+    return HeadPath.GUMBEL if plain_temperature and tree.all_one_hot() else HeadPath.FULL
 
 
 def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[TokenTree],
                 hiddens: list[torch.Tensor]) -> list[TargetScores]:
-    """Run the head once for the whole batch: the exact fast argmax for greedy requests without penalties,
-    full fp32 logits (then penalties and the sampling transforms) for everyone else."""
-    fast = [i for i, r in enumerate(requests) if r.params.greedy and not _has_penalties(r.params)]
-    full = [i for i in range(len(requests)) if i not in set(fast)]
+    """Run the head once for the whole batch: one fp16 screen GEMM for every ARGMAX and GUMBEL row, full fp32
+    logits (then penalties and the sampling transforms) for the FULL ones."""
+    paths = [head_path(r, t) for r, t in zip(requests, trees)]
     out = [TargetScores() for _ in requests]
+    head = model.lm_head
+    fast = [i for i, p in enumerate(paths) if p is not HeadPath.FULL]
     if fast:
-        rows = model.lm_head.argmax(torch.cat([hiddens[i] for i in fast]))
-        for i, am in zip(fast, rows.split([hiddens[i].shape[0] for i in fast])):
-            out[i].argmax = am
+        h = torch.cat([hiddens[i] for i in fast])
+        screened = head.screen_logits(h)
+        sizes = [hiddens[i].shape[0] for i in fast]
+        rows = screened.split(sizes) if screened is not None else [None] * len(fast)
+        argmax = [i for i in fast if paths[i] is HeadPath.ARGMAX]
+        if argmax:
+            pick = [k for k, i in enumerate(fast) if paths[i] is HeadPath.ARGMAX]
+            am = head.argmax(torch.cat([hiddens[i] for i in argmax]),
+                             None if screened is None else torch.cat([rows[k] for k in pick]))
+            for i, a in zip(argmax, am.split([hiddens[i].shape[0] for i in argmax])):
+                out[i].argmax = a
+        for k, i in enumerate(fast):
+            if paths[i] is HeadPath.GUMBEL:
+                r, k0 = requests[i], len(requests[i].output_ids)
+                noise = lambda d, r=r, k0=k0: r.output_noise(k0 + d, head.vocab_size)  # noqa: E731
+                out[i].sampler = NodeSampler(head, hiddens[i], trees[i].depth, noise, r.params.temperature, rows[k])
+    full = [i for i, p in enumerate(paths) if p is HeadPath.FULL]
     if full:
         all_logits = model.logits(torch.cat([hiddens[i] for i in full]))
         for i, logits in zip(full, all_logits.split([hiddens[i].shape[0] for i in full])):

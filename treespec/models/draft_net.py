@@ -25,7 +25,7 @@ from treespec.attention.metadata import SeqAttention
 from treespec.errors import ConfigError
 from treespec.kv.cache import KVCache
 from treespec.models.config import ModelConfig, ModelType, RopeConfig
-from treespec.models.layers import ForwardBatch, RotaryTable, rms_norm
+from treespec.models.layers import ForwardBatch, RotaryTable, pack_linears, rms_norm
 from treespec.models.llama import LlamaBlock
 from treespec.models.matmul import few_rows_linear
 
@@ -156,6 +156,7 @@ class DraftNet(torch.nn.Module):
             self.layers = torch.nn.ModuleList(LlamaBlock(self.config, i, attend) for i in range(cfg.num_layers))
         for n, block in enumerate(self.layers):
             block.load_hf(lambda name, n=n: tensors[f"layers.{n}.{name}"])
+        pack_linears(self.layers)
         self.fc = tensors["fc.weight"]
         self.embed_norm, self.norm = tensors["embed_norm.weight"], tensors["norm.weight"]
         self.feature_norm = tensors.get("feature_norm.weight")

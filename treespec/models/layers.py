@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from treespec.attention import AttentionFn
 from treespec.attention.metadata import SeqAttention
 from treespec.models.config import Activation, ModelConfig, RopeConfig, RopeType
-from treespec.models.matmul import few_rows_linear
+from treespec.models.matmul import PACK_MIN_NUMEL, PACKED_MIN_ROWS, few_rows_linear, pack_weight, packed_linear
 
 Getter = Callable[[str], torch.Tensor]  # HF tensor name (relative to the module) -> fp32 tensor
 
@@ -48,14 +48,23 @@ def _scoped(get: Getter, prefix: str) -> Getter:
     return lambda name: get(f"{prefix}.{name}")
 
 
-_MM_MAX_ROWS = 64  # up to here (decode, token trees) the transposed product wins; prefill keeps F.linear
+_MM_MAX_ROWS = 64  # without a packed weight: up to here the transposed product wins; prefill keeps F.linear
 
 
 class Linear(nn.Linear):
-    """nn.Linear that computes few rows (decode, token trees) with `few_rows_linear`; F.linear stays better
-    for long prefills."""
+    """nn.Linear for inference on CPU: 1-2 rows through `few_rows_linear`, 3+ rows through a oneDNN copy of
+    the weight made by `pack()` once the weights are final (see models/matmul.py for the measurements)."""
+
+    packed: torch.Tensor | None = None  # not a parameter: derived from `weight`, never saved
+
+    def pack(self) -> bool:
+        """Make (or refresh) the packed copy of the current weight; False when oneDNN is unavailable."""
+        self.packed = pack_weight(self.weight)
+        return self.packed is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out]
+        if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
+            return packed_linear(x, self.packed, self.bias)
         if x.shape[0] > _MM_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         y = few_rows_linear(self.weight, x)
@@ -64,10 +73,17 @@ class Linear(nn.Linear):
         return y.contiguous()
 
 
-def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def pack_linears(model: nn.Module, min_numel: int = PACK_MIN_NUMEL) -> int:
+    """Pack every `Linear` of `model` with at least `min_numel` weights (call after loading, before timing
+    anything); returns how many were packed."""
+    return sum(m.pack() for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= min_numel)
+
+
+def _set_linear(linear: Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
+    linear.packed = None  # a packed copy of the old weight would be stale
 
 
 # ---------------------------------------------------------------------------------------------------- norms

@@ -196,12 +196,19 @@ class LMHead:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
-    def argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T] long
-        """Exactly logits(h).argmax(-1) (lowest id on ties), through the fp16 screen when it pays."""
+    def screen_logits(self, h: torch.Tensor) -> torch.Tensor | None:  # h: [T, D] -> [T, V] fp32 or None
+        """The fp16 screen's logits (one GEMM over half the head's bytes); None when there is no screen."""
+        if not self.prepare() or h.shape[0] == 0:
+            return None
+        return self.screen(h.contiguous())
+
+    def argmax(self, h: torch.Tensor, screened: torch.Tensor | None = None) -> torch.Tensor:  # h: [T, D] -> [T]
+        """Exactly logits(h).argmax(-1) (lowest id on ties), through the fp16 screen when it pays.
+        screened: screen_logits(h) if the caller has them already."""
         if not self.prepare() or h.shape[0] == 0:
             return self._exact_argmax(h)
         h = h.contiguous()
-        picked = self._screened_argmax(h)
+        picked = self._screened_argmax(h, self.screen(h) if screened is None else screened)
         if picked is None:
             self.stats.fallbacks += 1
             return self._exact_argmax(h)
@@ -212,8 +219,8 @@ class LMHead:
         self.stats.exact += h.shape[0]
         return self.logits(h).argmax(dim=-1)
 
-    def _screened_argmax(self, h: torch.Tensor) -> torch.Tensor | None:  # h: [T, D] -> [T] or None if uncertified
-        s = self.screen(h)                                             # [T, V]
+    def _screened_argmax(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:  # h: [T, D], s: [T, V]
+        """[T] argmax, or None if uncertified."""
         err = self.screen.slope * h.double().norm(dim=1)               # [T]
         maxima = block_maxima(s)
         thr = candidate_threshold(maxima.amax(dim=1).double(), err, self.softcap)

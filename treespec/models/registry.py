@@ -9,6 +9,7 @@ from treespec.attention import AttentionBackend
 from treespec.models.base import CausalLM
 from treespec.models.config import ModelConfig, ModelType
 from treespec.models.gemma3 import Gemma3ForCausalLM
+from treespec.models.layers import pack_linears
 from treespec.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[ModelType, type[CausalLM]] = {
@@ -25,8 +26,10 @@ def build_model(config: dict[str, Any], tensors: dict[str, torch.Tensor],
     """An fp32 CPU model from an HF config dict and HF-named tensors; ModelLoadError if they don't fit.
 
     attention: force a kernel (default: SDPA, or the reference where a logit softcap needs it).
+    The projections get their oneDNN copies here (models/matmul.py), once the weights are final.
     """
     cfg = ModelConfig.from_hf(config)
     model = MODEL_CLASSES[cfg.model_type](cfg, attention)
     model.load_state_dict_hf(tensors)
+    pack_linears(model)
     return model.eval()

@@ -106,6 +106,12 @@ class TokenTree:
         out += [Stage(tok, None, p) for tok, p in self.dropped[i]]
         return sorted(out, key=lambda s: s.proposal.order)
 
+    def all_one_hot(self) -> bool:
+        """Whether every proposal (kept or dropped) is one-hot, so that verification only needs the target's
+        own draw at each visited node (verify/greedy.py's walk) instead of its full distributions."""
+        props = [p for ps in self.proposals for p in ps] + [p for ds in self.dropped for _, p in ds]
+        return all(p.kind is DraftKind.DETERMINISTIC or p.q is None for p in props)
+
     # ---- building -----------------------------------------------------------------------------------------
     def add_child(self, parent: int, token: int, proposal: Proposal, score: float | None = None) -> int:
         """Add `proposal` of `token` under `parent`; reuses an existing child with that token. Returns its index.

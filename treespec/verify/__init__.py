@@ -9,10 +9,11 @@ Glossary (used throughout treespec):
 - tokens per step = accepted + 1.
 
 Greedy (T = 0) reproduces plain greedy decoding exactly; the stochastic rule emits exactly the target's
-distribution for i.i.d., without-replacement and deterministic drafts (see stochastic.py).
+distribution for i.i.d., without-replacement and deterministic drafts (see stochastic.py). A sampled tree whose
+proposals are all one-hot is verified by the greedy walk over the target's own Gumbel-max draws (greedy.py).
 """
-from treespec.verify.greedy import verify_greedy
+from treespec.verify.greedy import follow_target, verify_greedy
 from treespec.verify.result import VerifyResult
 from treespec.verify.stochastic import NodeRule, verify_stochastic
 
-__all__ = ["NodeRule", "VerifyResult", "verify_greedy", "verify_stochastic"]
+__all__ = ["NodeRule", "VerifyResult", "follow_target", "verify_greedy", "verify_stochastic"]

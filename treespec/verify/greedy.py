@@ -1,5 +1,12 @@
-"""Greedy verification (SpecInfer VerifyGreedy): follow the target's argmax down the tree."""
+"""Greedy verification (SpecInfer VerifyGreedy): follow the target's choice down the tree.
+
+The same walk verifies sampling when every proposal is one-hot: choose(u) is then the target's own draw at node
+u (a Gumbel-max draw with the noise of u's output position), and descending into the child holding that token,
+else emitting it, is the one-hot acceptance rule with its residual, written as one draw.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -9,9 +16,16 @@ from treespec.verify.result import VerifyResult
 
 def verify_greedy(tree: TokenTree, target_argmax: torch.Tensor) -> VerifyResult:
     """target_argmax: [n] long, the target's argmax at every node. Output equals plain greedy decoding."""
-    choice = target_argmax.tolist()
+    return follow_target(tree, target_argmax.tolist().__getitem__)
+
+
+def follow_target(tree: TokenTree, choose: Callable[[int], int]) -> VerifyResult:
+    """Descend while the target's choice at the current node is one of its children; that choice at the last
+    node is the bonus token. choose(u) is called once per visited node, root first."""
     child_of = {(par, tok): i for i, (par, tok) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist()))}
     path = [0]
-    while (path[-1], choice[path[-1]]) in child_of:
-        path.append(child_of[(path[-1], choice[path[-1]])])
-    return VerifyResult(path, int(choice[path[-1]]))
+    while True:
+        y = int(choose(path[-1]))
+        if (path[-1], y) not in child_of:
+            return VerifyResult(path, y)
+        path.append(child_of[(path[-1], y)])
