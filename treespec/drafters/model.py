@@ -32,8 +32,8 @@ _CHUNK = 256  # catch-up tokens per request per draft forward
 
 @dataclass
 class SubsetQ:
-    """Greedy requests' q rows over a truncated draft vocabulary: probs [n, N] of target ids `ids` [N] (zero
-    elsewhere). Their children are the top-k, so the 262k-wide rows of the full form are never built."""
+    """One-hot drafting's q rows over a truncated draft vocabulary: probs [n, N] of target ids `ids` [N] (zero
+    elsewhere). Children are the top-k, so the 262k-wide rows of the full form are never built."""
     probs: torch.Tensor
     ids: torch.Tensor
 
@@ -67,7 +67,7 @@ class Growth:
     def add_children(self, node: int, q: torch.Tensor | SubsetQ, k: int) -> list[int]:  # q: [V] or a SubsetQ row
         """Draw k children of `node` from q and add them; returns the distinct children in draw order."""
         row = None if self.kind is DraftKind.DETERMINISTIC else q
-        if isinstance(q, SubsetQ):  # greedy: the top-k of the subset
+        if isinstance(q, SubsetQ):  # one-hot drafts: the top-k of the subset
             top = torch.topk(q.probs, min(k, int((q.probs > 0).sum())))
             draws = list(zip(q.ids[top.indices].tolist(), top.values.tolist()))
         else:
@@ -271,21 +271,27 @@ class ModelDrafter:
 
     def _feed(self, jobs: list[_Job]) -> list[torch.Tensor | SubsetQ]:
         """One draft forward over every job's frontier; returns each job's q rows [len(frontier), V]
-        (a SubsetQ when the draft has a truncated vocabulary and every job is greedy without penalties)."""
+        (a SubsetQ when the draft has a truncated vocabulary and every job drafts one-hot without penalties)."""
         feeds = [self._frontier_feed(j) for j in jobs]
         hidden = self._forward(feeds)
         starts = itertools.accumulate((len(f.tokens) for f in feeds), initial=0)
         rows = [s + i for f, s in zip(feeds, starts) for i in f.q_rows]
         if compact := (hasattr(self.model, "subset_logits")
-                       and all(j.draft.request.params.greedy and not _penalised(j.draft.request.params) for j in jobs)):
-            probs, ids = torch.softmax(self.model.subset_logits(hidden[rows]), dim=-1), self.model.vocab_ids()
+                       and all(j.growth.kind is DraftKind.DETERMINISTIC and not _penalised(j.draft.request.params)
+                               for j in jobs)):
+            logits, ids = self.model.subset_logits(hidden[rows]), self.model.vocab_ids()
         else:
             logits = fit_vocabulary(self.model.logits(hidden[rows]), self.vocab_size)
         qs, at = [], 0
         for j in jobs:
             n = len(j.growth.frontier)
             j.state.out.update(zip(j.growth.frontier, hidden[rows[at:at + n]]))
-            qs.append(SubsetQ(probs[at:at + n], ids) if compact else self._probs(j, logits[at:at + n]))
+            if compact:  # one-hot proposals: q only ranks the children and scores them for tree sizing
+                params = j.draft.request.params
+                t = 1.0 if params.greedy else params.temperature
+                qs.append(SubsetQ(torch.softmax(logits[at:at + n] / t, dim=-1), ids))
+            else:
+                qs.append(self._probs(j, logits[at:at + n]))
             at += n
         return qs
 
