@@ -117,6 +117,19 @@ def test_greedy_equals_plain(drafter_dirs, case):
     assert engine.stats.num_draft_tokens > 0
 
 
+def test_seeded_one_hot_head_sampling_equals_plain_without_full_vocabulary_rows(drafter_dirs, monkeypatch):
+    """At T > 0 one-hot head drafts are ranked over the head's own vocabulary subset (never its full-vocabulary
+    logits) and verified by Gumbel-max draws with (seed, position) noise: seeded output equals plain sampling."""
+    target, dirs = drafter_dirs
+    params = SamplingParams(temperature=0.5, seed=3, max_tokens=24, ignore_eos=True)
+    _, plain = run(target, None, params=params)
+    monkeypatch.setattr(DraftNet, "logits", lambda self, hidden: pytest.fail("full-vocabulary draft rows built"))
+    engine, spec = run(target, {"method": "learned", "model": dirs["head"], "num_speculative_tokens": 3,
+                                "branch": 2, "budget": 6, "draft_sampling": "deterministic"}, params=params)
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert engine.stats.num_draft_tokens > 0
+
+
 def test_head_drafts_every_step_once_features_arrive(drafter_dirs):
     """The engine shares prefill and accepted-path features, so a head never runs out of them."""
     target, dirs = drafter_dirs
