@@ -70,6 +70,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether repetition / presence / frequency penalties change the logits (they depend on history)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 def _check_int(value, name: str, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

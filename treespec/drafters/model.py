@@ -277,7 +277,7 @@ class ModelDrafter:
         starts = itertools.accumulate((len(f.tokens) for f in feeds), initial=0)
         rows = [s + i for f, s in zip(feeds, starts) for i in f.q_rows]
         if compact := (hasattr(self.model, "subset_logits")
-                       and all(j.growth.kind is DraftKind.DETERMINISTIC and not _penalised(j.draft.request.params)
+                       and all(j.growth.kind is DraftKind.DETERMINISTIC and not j.draft.request.params.has_penalties
                                for j in jobs)):
             logits, ids = self.model.subset_logits(hidden[rows]), self.model.vocab_ids()
         else:
@@ -348,16 +348,12 @@ class ModelDrafter:
         """q at the job's frontier nodes: logits [n, V] processed like the target's p."""
         r, tree = job.draft.request, job.growth.tree
         params = r.params
-        if _penalised(params):
+        if params.has_penalties:
             histories = [r.output_ids + tree.tokens[tree.path_to(u)[1:]].tolist() for u in job.growth.frontier]
             logits = apply_penalties(logits, params, r.prompt_ids, histories)
         if params.greedy:
             return torch.softmax(logits.float(), dim=-1)
         return logits_to_probs(logits, params)
-
-
-def _penalised(params) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 # ---- vocabulary -------------------------------------------------------------------------------------------

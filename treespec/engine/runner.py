@@ -105,7 +105,7 @@ class HeadPath(Enum):
 
 def head_path(request: Request, tree: TokenTree) -> HeadPath:
     p = request.params
-    if _has_penalties(p):
+    if p.has_penalties:
         return HeadPath.FULL
     if p.greedy:
         return HeadPath.ARGMAX
@@ -143,15 +143,10 @@ def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[Tok
         all_logits = model.logits(torch.cat([hiddens[i] for i in full]))
         for i, logits in zip(full, all_logits.split([hiddens[i].shape[0] for i in full])):
             r, tree = requests[i], trees[i]
-            if _has_penalties(r.params):
+            if r.params.has_penalties:
                 logits = apply_penalties(logits, r.params, r.prompt_ids, node_histories(r, tree))
             if r.params.greedy:
                 out[i].argmax = logits.argmax(dim=-1)
             else:
                 out[i].probs = logits_to_probs(logits, r.params)
     return out
-
-
-def _has_penalties(params) -> bool:
-    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
-            or params.frequency_penalty != 0.0)
