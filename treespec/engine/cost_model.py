@@ -73,7 +73,7 @@ class CostModel:
         else:
             vocab = model.config.vocab_size
             tokens = torch.randint(min(100, vocab - 1), vocab, (need,), generator=torch.Generator().manual_seed(0))
-        cache = model.new_cache(prefix + max(GRID) + 1)
+        cache = model.new_cache(need)
         cache.reserve(prefix)
         model(tokens[:prefix], torch.arange(prefix), single(cache, prefix))
         cache.commit()

@@ -89,14 +89,16 @@ class Request:
 
     def output_uniform(self, k: int) -> float:
         """The uniform that samples output token k (fixed per seed and position, whatever the tree shape)."""
-        g = torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63)
-        return float(torch.rand((), generator=g, dtype=torch.float64))
+        return float(torch.rand((), generator=self._position_generator(k), dtype=torch.float64))
 
     def output_noise(self, k: int, vocab_size: int) -> torch.Tensor:  # -> [vocab_size] float64
         """The uniforms behind the Gumbel-max draw of output token k (fixed per seed and position, like
         output_uniform, from a different stream)."""
-        g = torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63 ^ 0x5851F42D4C957F2D)
-        return torch.rand(vocab_size, generator=g, dtype=torch.float64)
+        return torch.rand(vocab_size, generator=self._position_generator(k, 0x5851F42D4C957F2D), dtype=torch.float64)
+
+    def _position_generator(self, k: int, stream: int = 0) -> torch.Generator:
+        """A generator seeded by (request seed, output position k), xor `stream` to keep draws apart."""
+        return torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63 ^ stream)
 
     @property
     def all_ids(self) -> list[int]:

@@ -126,13 +126,12 @@ def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[Tok
         screened = head.screen_logits(h)
         sizes = [hiddens[i].shape[0] for i in fast]
         rows = screened.split(sizes) if screened is not None else [None] * len(fast)
-        argmax = [i for i in fast if paths[i] is HeadPath.ARGMAX]
+        argmax = [k for k, i in enumerate(fast) if paths[i] is HeadPath.ARGMAX]  # positions within `fast`
         if argmax:
-            pick = [k for k, i in enumerate(fast) if paths[i] is HeadPath.ARGMAX]
-            am = head.argmax(torch.cat([hiddens[i] for i in argmax]),
-                             None if screened is None else torch.cat([rows[k] for k in pick]))
-            for i, a in zip(argmax, am.split([hiddens[i].shape[0] for i in argmax])):
-                out[i].argmax = a
+            am = head.argmax(torch.cat([hiddens[fast[k]] for k in argmax]),
+                             None if screened is None else torch.cat([rows[k] for k in argmax]))
+            for k, a in zip(argmax, am.split([sizes[k] for k in argmax])):
+                out[fast[k]].argmax = a
         for k, i in enumerate(fast):
             if paths[i] is HeadPath.GUMBEL:
                 r, k0 = requests[i], len(requests[i].output_ids)
