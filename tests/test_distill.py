@@ -225,6 +225,8 @@ def test_cli_trains_resumes_and_rejects_bad_input(model_dir, tmp_path, capsys, m
     code, cap = run_cli([*base, "--steps", "6"], capsys)
     assert code == 0, cap.err
     assert "drafter-0: 6 steps" in cap.out and (out / "speculative.json").exists()
+    counts = json.loads((out / "token_counts.json").read_text())  # the text's counts, for draft_vocab_counts
+    assert sum(counts.values()) > 0 and all(int(k) >= 0 for k in counts)
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
     code, cap = run_cli([*base, "--steps", "6", "--resume"], capsys)
     assert code == 0 and "reusing the dataset" in cap.out

@@ -78,6 +78,19 @@ def request(prompt: list[int], params: SamplingParams, rid: str) -> Request:
     return Request(rid, list(prompt), params)
 
 
+@torch.no_grad()
+def sync_target_cache(target: CausalLM, r: Request) -> None:
+    """Give r the target's cache of its committed context (all but the root), as the engine keeps it: what a
+    self-draft sharing the target's cache reads."""
+    if r.cache is None:
+        r.cache = target.new_cache(64)
+    new = r.all_ids[r.cache.length:-1]
+    if new:
+        r.cache.reserve(len(new))
+        target(torch.tensor(new), r.cache.length + torch.arange(len(new)), single(r.cache, len(new)))
+        r.cache.commit()
+
+
 # ---- slow twin: per-tree builders fed by fresh plain prefills ---------------------------------------------------
 def fresh_step(model: CausalLM, r: Request, vocab: int):
     """build.py's step function: q at each node from a plain prefill of the request's context + the node's path."""
@@ -339,8 +352,10 @@ def path_table(model: CausalLM, prompt: list[int], depth: int, params: SamplingP
 
 
 def sample_first_two(drafters: list[ModelDrafter], table, params, sampling: DraftSampling, samples: int,
-                     kind_override: DraftKind | None = None, rounds: int = 8) -> Counter:
-    """Counts of the first two emitted tokens over `samples` requests, drafted in batches and verified exactly."""
+                     kind_override: DraftKind | None = None, rounds: int = 8,
+                     target: CausalLM | None = None) -> Counter:
+    """Counts of the first two emitted tokens over `samples` requests, drafted in batches and verified exactly
+    (`target`: keep each request's target cache, for self-drafts that read it)."""
     counts: Counter = Counter()
     per_round = samples // rounds
     for k in range(rounds):
@@ -349,6 +364,9 @@ def sample_first_two(drafters: list[ModelDrafter], table, params, sampling: Draf
         first: dict[int, int] = {}
         todo = list(range(per_round))
         while todo:
+            if target is not None:
+                for i in todo:
+                    sync_target_cache(target, reqs[i])
             batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling) for i in todo]
             proposed = [d.propose(batch) for d in drafters]
             trees = proposed[0] if len(drafters) == 1 else [merge_trees(list(ts)) for ts in zip(*proposed)]

@@ -1,7 +1,7 @@
 """Self-speculative (layer-skip) drafting and the vocabulary-truncated draft head.
 
-Oracles: speculative greedy output equals plain greedy output; each layer subset's own cache after commit equals
-a plain prefill of the committed text through the same subset (the target's cache is never touched); with every
+Oracles: speculative greedy output equals plain greedy output; the target's cache, which the draft shares, equals
+a plain prefill of the committed text after every step (the draft leaves nothing behind); with every
 layer and the full vocabulary the draft is the target, so every greedy draft is accepted; at T = 1 the first two
 sampled tokens follow the target's exact joint (chi-squared) although q is zero on half the vocabulary.
 """
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from test_drafter_model import (CHI_PROMPT, CHI_VOCAB, StubTokenizer, build, chi_squared_p_value, path_table,
-                                sample_first_two, tiny_llama)
+                                sample_first_two, sync_target_cache, tiny_llama)
 from tiny_hf import hf_model, prefill, twin
 
 from treespec.config import DraftSampling, DrafterConfig, EngineConfig, SpecConfig
@@ -21,8 +21,10 @@ from treespec.drafters.base import DraftRequest
 from treespec.drafters.layer_skip import (LayerBandit, LayerSkipDrafter, LayerSkipView, auto_layer_sets,
                                           layer_sets)
 from treespec.drafters.registry import build_drafters
-from treespec.drafters.vocab import REFRESH_TOKENS, TruncatedHead, VocabSubset, load_token_counts
+from treespec.drafters.vocab import (REFRESH_TOKENS, TruncatedHead, VocabSubset, load_token_counts,
+                                     save_token_counts)
 from treespec.engine.engine import LLMEngine
+from treespec.attention.metadata import single
 from treespec.engine.request import Request
 from treespec.errors import ConfigError
 from treespec.sampling import SamplingParams
@@ -92,30 +94,29 @@ def test_only_own_nodes_are_credited():
 
 
 @pytest.mark.parametrize("family,layers", [("llama", [0, 2, 3]), ("gemma3", [0, 2])])
-def test_draft_kv_after_commit_equals_the_view_prefill(family, layers):
-    """After every step the subset's cache holds the committed text as the subset computes it, nothing pending."""
+@pytest.mark.parametrize("quantization", ["none", "fp16"])
+def test_target_cache_after_commit_equals_a_plain_prefill(family, layers, quantization):
+    """The draft runs on the target's own cache: after every step it holds exactly the target's K/V of the
+    committed text (a prefill of it), nothing pending."""
     target = target_model(family)
     spec_cfg = SpecConfig.parse({"method": "layer_skip", "layers": layers, "num_speculative_tokens": 3,
-                                 "branch": 1})
+                                 "branch": 2, "quantization": quantization})
     d = LayerSkipDrafter(spec_cfg.drafters[0], 0, target)
-    view = d.views[0]
     engine = LLMEngine(target, StubTokenizer(), EngineConfig(model="tiny"), spec_cfg, [d])
     reqs = [engine.add_request(p, dataclasses.replace(GREEDY)) for p in PROMPTS[:2]]
     checked = 0
     while engine.has_unfinished():
         engine.step()
         for r in reqs:
-            st = d.arms[0].states.get(r.request_id)
-            if st is None:
+            if r.finished or not r.output_ids:
                 continue
-            n = st.cache.length
-            assert st.cache.pending == 0 and len(r.all_ids) - 1 - n in (0, 1)
-            assert st.cache.k.shape[0] == len(layers)
-            fresh, _ = prefill(view, torch.tensor(r.all_ids[:n]), max_len=n)
-            torch.testing.assert_close(st.cache.k[:, :, :n], fresh.k[:, :, :n], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(st.cache.v[:, :, :n], fresh.v[:, :, :n], rtol=1e-4, atol=1e-5)
+            n = r.cache.length
+            assert r.cache.pending == 0 and n == len(r.all_ids) - 1
+            fresh, _ = prefill(target, torch.tensor(r.all_ids[:n]), max_len=n)
+            torch.testing.assert_close(r.cache.k[:, :, :n], fresh.k[:, :, :n], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(r.cache.v[:, :, :n], fresh.v[:, :, :n], rtol=1e-4, atol=1e-5)
             checked += 1
-    assert checked > 10
+    assert checked > 10 and engine.stats.num_accepted_tokens > 0
 
 
 def test_all_layers_full_vocab_accepts_every_greedy_draft():
@@ -131,6 +132,7 @@ def test_truncated_draft_proposes_only_subset_tokens():
     cfg = DrafterConfig(method="layer_skip", layers=[0, 1], draft_vocab_size=8, num_speculative_tokens=3, branch=3)
     d = LayerSkipDrafter(cfg, 0, target)
     r = Request("a", [1, 2, 3, 1, 2, 3, 9], SamplingParams(temperature=1.0, seed=0, max_tokens=8))
+    sync_target_cache(target, r)
     tree = d.propose([DraftRequest(r, 12, 3, DraftSampling.IID)])[0]
     subset = set(d.vocab.ids().tolist())
     assert {1, 2, 3, 9} <= subset  # the prompt's tokens were counted
@@ -151,7 +153,7 @@ def test_sampled_tokens_follow_the_target_with_a_truncated_vocabulary():
     cfg = DrafterConfig(method="layer_skip", layers=[0], draft_vocab_size=CHI_VOCAB // 2, num_speculative_tokens=2,
                         expansion=[2, 1])
     d = LayerSkipDrafter(cfg, 0, target)
-    counts = sample_first_two([d], table, params, DraftSampling.IID, 5_000, rounds=4)
+    counts = sample_first_two([d], table, params, DraftSampling.IID, 5_000, rounds=4, target=target)
     assert sum(counts.values()) == 5_000
     assert len(d.vocab.ids()) == CHI_VOCAB // 2
     assert chi_squared_p_value(counts, table) > 0.01
@@ -174,6 +176,8 @@ def test_vocab_subset_counts_ties_and_refresh(tmp_path):
     assert seeded.ids().tolist() == [2, 4]
     path.write_text(json.dumps([0, 0, 0, 5]))
     assert load_token_counts(str(path), 10)[3] == 5
+    assert save_token_counts(path, torch.tensor([4, 4, 9, 4]), 10) == 2  # what `treespec distill` writes
+    assert load_token_counts(str(path), 10).tolist() == [0, 0, 0, 0, 3, 0, 0, 0, 0, 1]
     for bad in ({"12": 1}, {"1": -2}, "x"):
         path.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match="^draft_vocab_counts: "):
@@ -233,6 +237,7 @@ def test_depth_adapts_to_acceptance():
     d = LayerSkipDrafter(DrafterConfig(method="layer_skip", layers=[0, 1], num_speculative_tokens=4, branch=1),
                          0, target)
     r = Request("a", [1, 2, 3], GREEDY)
+    sync_target_cache(target, r)
     depths = []
     for accept_all in (False, False, False, False, True, True):
         dr = DraftRequest(r, 8, 8, DraftSampling.DETERMINISTIC)
@@ -259,12 +264,16 @@ def test_layer_sets_and_config_errors():
         LayerSkipDrafter(DrafterConfig(method="layer_skip", layers=[0, 5]), 0, target_model("llama"))
     bad = [({"layers": [2, 1]}, "^layers: "), ({"layers": []}, "^layers: "), ({"layers": [[0], 1]}, "^layers: "),
            ({"layers": [0, "a"]}, "^layers: "), ({"draft_vocab_size": 0}, "^draft_vocab_size: "),
-           ({"draft_vocab_counts": "c.json"}, "^draft_vocab_counts: needs draft_vocab_size")]
+           ({"draft_vocab_counts": "c.json"}, "^draft_vocab_counts: needs draft_vocab_size"),
+           ({"quantization": "int4"}, "^quantization: ")]
     for fields, match in bad:
         with pytest.raises(ConfigError, match=match):
             DrafterConfig(method="layer_skip", **fields)
     with pytest.raises(ConfigError, match="^draft_vocab_size: only the layer_skip method"):
         DrafterConfig(method="ngram", draft_vocab_size=8)
+    with pytest.raises(ConfigError, match="^quantization: only the layer_skip method"):
+        DrafterConfig(method="ngram", quantization="fp16")
+    assert layer_sets(DrafterConfig(method="layer_skip", quantization="fp16"), 4) == [(0, 1, 2, 3)]
     spec = SpecConfig.parse('{"method": "layer_skip", "layers": null, "draft_vocab_size": 32768}')
     assert spec.drafters[0].draft_vocab_size == 32768 and spec.drafters[0].layers is None
 
@@ -272,8 +281,8 @@ def test_layer_sets_and_config_errors():
 def test_view_equals_a_model_built_from_those_layers():
     """The view over layers (0, 3) of a 4-layer Llama == a 2-layer Llama holding those layers' weights."""
     spec = tiny_llama(64, seed=0, layers=4)
-    view = LayerSkipView(build(spec), (0, 3))
-    assert view.new_cache(16).k.shape[0] == 2
+    target = build(spec)
+    view = LayerSkipView(target, (0, 3))
     renamed = {"model.layers.0.": "model.layers.0.", "model.layers.3.": "model.layers.1."}
     tensors = {}
     for k, v in spec["tensors"].items():
@@ -284,7 +293,10 @@ def test_view_equals_a_model_built_from_those_layers():
                 tensors[new + k[len(old):]] = v
     smaller = build({"config": {**spec["config"], "num_hidden_layers": 2}, "tensors": tensors})
     ids = torch.tensor([3, 1, 4, 1, 5, 9, 2])
-    (got_cache, got), (want_cache, want) = prefill(view, ids, max_len=16), prefill(smaller, ids, max_len=16)
+    got_cache = target.new_cache(16)  # the view writes the target's cache, at its layers' own indices
+    got_cache.reserve(7)
+    got = view(ids, torch.arange(7), single(got_cache, 7))
+    want_cache, want = prefill(smaller, ids, max_len=16)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(view.logits(got), smaller.logits(want))
-    torch.testing.assert_close(got_cache.k[:, :, :7], want_cache.k[:, :, :7])
+    torch.testing.assert_close(got_cache.k[[0, 3], :, :7], want_cache.k[:, :, :7])

@@ -106,7 +106,7 @@ def test_ragged_batch_equals_separate_forwards(name):
 
 @torch.inference_mode()
 def test_layer_subset_equals_model_of_those_layers():
-    """forward(layers=[0, 2]) == a 2-layer model made of layers 0 and 2 (layer-skip self-speculation)."""
+    """forward(blocks=layers 0 and 2) == a 2-layer model made of them (layer-skip self-speculation)."""
     hf = hf_model("qwen2")  # layers 1 and 2 slide, layer 0 does not
     cfg, state = hf.config.to_dict(), hf.state_dict()
     small_state = {k.replace("layers.2.", "layers.1."): v for k, v in state.items() if ".layers.1." not in k}
@@ -115,7 +115,8 @@ def test_layer_subset_equals_model_of_those_layers():
     tokens = torch.randint(0, VOCAB, (PROMPT,), generator=torch.Generator().manual_seed(5))
     cache = model.new_cache(32)
     cache.reserve(PROMPT)
-    h = model(tokens, torch.arange(PROMPT), single(cache, PROMPT), layers=[0, 2])
+    h = model(tokens, torch.arange(PROMPT), single(cache, PROMPT),
+              blocks=[model.layers[0], model.layers[2]])
     torch.testing.assert_close(h, prefill(small, tokens)[1], atol=1e-5, rtol=0)
 
 

@@ -84,3 +84,27 @@ def test_none_leaves_model_untouched():
     block = TinyBlock()
     assert quantize_linears(block, WeightQuant.NONE) == 0
     assert isinstance(block.attn["q"], nn.Linear)
+
+
+@pytest.mark.parametrize("kind", [WeightQuant.FP16, WeightQuant.INT8])
+def test_quantized_copy_leaves_the_original_and_shares_the_rest(kind):
+    """The self-draft's twin: the original keeps its fp32 Linears (and a oneDNN-packed copy is not carried over),
+    the twin's Linears are quantized, its other parameters are the original's tensors, and it computes the same."""
+    from treespec.models.layers import Linear
+    from treespec.models.quant import quantized_copy
+    torch.manual_seed(3)
+    block = TinyBlock()
+    packed = Linear(48, 48)
+    packed.weight.data.normal_()
+    packed.pack()
+    block.extra = packed
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        want = block(x)
+    twin = quantized_copy(block, kind)
+    assert isinstance(block.attn["q"], nn.Linear) and block.extra.packed is packed.packed
+    assert isinstance(twin.attn["q"], QuantLinear) and isinstance(twin.extra, QuantLinear)
+    assert twin.tied is twin.mlp[0] and twin.norm.weight is block.norm.weight
+    with torch.no_grad():
+        got = twin(x)
+    assert rel_err(got, want) < TOLERANCE[kind]

@@ -4,9 +4,9 @@ Accepted speculative configs:
 - vLLM-compatible: {"method": "ngram", "prompt_lookup_min": a, "prompt_lookup_max": b, "num_speculative_tokens": k}
   and {"method": "draft_model", "model": PATH, "num_speculative_tokens": k}.
 - self-speculation: {"method": "layer_skip", "layers": [0, 2, ...] | [[...], [...]] | null (auto),
-  "draft_vocab_size": 32768 | null, "draft_vocab_counts": PATH | null}.
+  "draft_vocab_size": 32768 | null, "draft_vocab_counts": PATH | null, "quantization": "none" | "fp16" | "int8"}.
 - treespec's tree form: {"drafters": [{...}, {...}], "budget": 24 | "auto", "max_depth": 8,
-  "draft_sampling": "iid" | "without_replacement" | "deterministic"}; each drafter dict takes the fields of
+  "draft_sampling": "iid" | "without_replacement" | "deterministic" | "coupled"}; each drafter dict takes the fields of
   DrafterConfig. A top-level "method" is shorthand for a single drafter.
 - learned drafters: {"method": "learned", "model": DIR} (a `treespec distill` output directory: head or ssm).
 - {"method": "auto"}: the best drafters available for the model: n-gram drafting (prompt lookup + hierarchical
@@ -38,6 +38,7 @@ class DraftSampling(Enum):
     IID = "iid"                                  # i.i.d. draws from q: SpecInfer MSS
     WITHOUT_REPLACEMENT = "without_replacement"  # Gumbel-top-k draws: Sequoia's rule with the q-update
     DETERMINISTIC = "deterministic"              # top-k children, q treated as one-hot
+    COUPLED = "coupled"                          # one-hot children ranked with the output's own Gumbel noise
 
 
 class WeightQuantization(Enum):
@@ -79,6 +80,7 @@ class DrafterConfig:
     layers: list[int] | list[list[int]] | None = None  # layer_skip: layer subset(s) to choose from; None = auto
     draft_vocab_size: int | None = None      # layer_skip: draft head over the N most frequent tokens; None = all
     draft_vocab_counts: str | None = None    # layer_skip: JSON token counts seeding the frequencies
+    quantization: WeightQuantization = WeightQuantization.NONE  # layer_skip: the draft's own fp16/int8 copy of its layers
 
     def __post_init__(self) -> None:
         self.method = _enum(DrafterMethod, self.method, "method")
@@ -101,10 +103,13 @@ class DrafterConfig:
                 _check_int(k, "expansion", 1, 16)
 
     def _check_layer_skip(self) -> None:
+        self.quantization = _enum(WeightQuantization, self.quantization, "quantization")
         if self.method is not DrafterMethod.LAYER_SKIP:
             for name in ("layers", "draft_vocab_size", "draft_vocab_counts"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{name}: only the layer_skip method takes it")
+            if self.quantization is not WeightQuantization.NONE:
+                raise ConfigError("quantization: only the layer_skip method takes it")
             return
         if self.layers is not None:
             sets = self.layers if self.layers and isinstance(self.layers[0], list) else [self.layers]

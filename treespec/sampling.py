@@ -75,6 +75,12 @@ class SamplingParams:
         """Whether repetition / presence / frequency penalties change the logits (they depend on history)."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def temperature_only(self) -> bool:
+        """Sampling from softmax(logits / T) itself: no penalties, no top-k / top-p / min-p truncation."""
+        return (not self.greedy and not self.has_penalties and self.top_k <= 0 and self.top_p >= 1.0
+                and self.min_p <= 0.0)
+
 
 def _check_int(value, name: str, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -38,6 +38,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from treespec.api import LLM
     from treespec.distill.data import DataConfig, build_dataset
     from treespec.distill.train import TrainConfig, check_resume, train_drafters
+    from treespec.drafters.vocab import save_token_counts
     from treespec.errors import ConfigError
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads: must be a positive integer, got {args.threads}")
@@ -52,6 +53,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if ckpt is not None and ckpt.data != data_cfg.key(str(llm.checkpoint_source)):
         raise ConfigError("--resume: the checkpoint was trained on a dataset built with other arguments")
     data = build_dataset(llm, data_cfg, out)
+    # the text's token counts: a draft vocabulary for self-speculation ("draft_vocab_counts" of layer_skip)
+    save_token_counts(out / "token_counts.json", data.tokens, llm.target.config.vocab_size)
     result = train_drafters(llm.target, data, cfg, out, resume=args.resume, target_name=args.target)
     _print_summary(data, result)
     return 0

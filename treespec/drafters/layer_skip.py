@@ -1,10 +1,10 @@
 """Self-speculative drafting (Draft & Verify, DEL): the target itself, running a subset of its layers, drafts.
 
-No extra weights and no training. Each candidate layer subset is a `LayerSkipView` of the target: a model with
-the target's embedding, the chosen decoder layers and the final norm, and its own KV cache holding only those
-layers (the target's cache is never written). The tree machinery is ModelDrafter's, one per candidate: its lazy
-catch-up, level-by-level growth and commit of the accepted path keep each view's cache equal to what the view
-computes on the committed text.
+No extra weights and no training. Each candidate is a `LayerSkipView` of the target: its embedding, the chosen
+decoder layers (the target's own, or fp16 / int8 copies of them: `quantization`) and its final norm. A view
+drafts on the target's own KV cache: the committed context is the target's exact K/V, the draft's tree nodes
+occupy pending slots that are dropped before the target verifies, so there is never anything to catch up and the
+committed cache is always the target's own. The tree machinery is ModelDrafter's, one per candidate.
 
 Dynamic choice, from observed acceptance only:
 - which subset: a UCB1 bandit over the candidates, rewarded by (1 + accepted) / (1 + draft forwards x cost)
@@ -12,7 +12,7 @@ Dynamic choice, from observed acceptance only:
   and its head) over those of a target step. With automatic candidates one more arm drafts nothing (reward 1):
   where skipping layers does not pay (small models lose most acceptance), the bandit settles there and only
   re-probes the subsets. Explicit `layers` always draft.
-  Each request re-picks every `RECHOOSE_STEPS` steps (a switch costs the new subset a catch-up);
+  Each request re-picks every `RECHOOSE_STEPS` steps;
 - how deep: per request, HF assisted generation's rule: +2 when the whole drafted depth was accepted, else -1.
 With `draft_vocab_size` the views share a TruncatedHead (treespec.drafters.vocab).
 """
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from treespec.attention.metadata import SeqAttention
-from treespec.config import DrafterConfig
+from treespec.config import DrafterConfig, WeightQuantization
 from treespec.drafters.base import DraftRequest
 from treespec.drafters.model import ModelDrafter
 from treespec.drafters.vocab import TruncatedHead, VocabSubset, load_token_counts
 from treespec.errors import ConfigError
-from treespec.kv.cache import KVCache
+from treespec.models.quant import QuantLinear, quantized_copy
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult
 
@@ -38,45 +38,40 @@ RECHOOSE_STEPS = 16  # steps a request keeps its layer subset before the bandit 
 UCB_EXPLORE = 0.5    # UCB1 exploration weight, relative to the best mean reward
 
 
-class SubsetKVCache(KVCache):
-    """A KVCache holding only the layers a view runs; write() takes the target's layer index."""
-
-    def __init__(self, layers: tuple[int, ...], num_kv_heads: int, head_dim: int, max_len: int) -> None:
-        super().__init__(len(layers), num_kv_heads, head_dim, max_len)
-        self.slot = {layer: i for i, layer in enumerate(layers)}
-
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return super().write(self.slot[layer], k_new, v_new)
-
-
 class LayerSkipView:
-    """The target restricted to `layers` (ascending target indices), with its own caches and optional head."""
+    """The target restricted to `layers` (ascending target indices), with its own caches and optional head.
 
-    def __init__(self, target: torch.nn.Module, layers: tuple[int, ...], head: TruncatedHead | None = None) -> None:
+    With `quantization` the view runs its own fp16 / int8 copies of those layers (a quantized self-draft: all
+    layers, half or a quarter of the weight bytes, and nearly the target's own next-token distribution)."""
+
+    def __init__(self, target: torch.nn.Module, layers: tuple[int, ...], head: TruncatedHead | None = None,
+                 quantization: WeightQuantization = WeightQuantization.NONE) -> None:
         self.target, self.layers, self.head = target, layers, head
         self.config = target.config
+        self.blocks = [target.layers[i] if quantization is WeightQuantization.NONE
+                       else quantized_copy(target.layers[i], quantization) for i in layers]
+        if head is not None:  # one-hot drafting ranks children over the subset (no 262k-wide rows)
+            self.subset_logits, self.vocab_ids = head.subset_logits, head.ids
 
     @property
     def cost(self) -> float:
         """A draft forward's cost as a fraction of a target step's: weight bytes read (decoding is memory-bound)."""
-        layers = [_nbytes(layer) for layer in self.target.layers]
+        layers = sum(_nbytes(layer) for layer in self.target.layers)
         head = self.target.lm_head
         draft_head = head.weight.numel() * 4 if self.head is None else self.head.bytes_per_forward()
-        return (sum(layers[i] for i in self.layers) + draft_head) / (sum(layers) + head.bytes_per_step())
+        return (sum(_nbytes(b) for b in self.blocks) + draft_head) / (layers + head.bytes_per_step())
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention]) -> torch.Tensor:
-        return self.target(tokens, positions, seqs, layers=self.layers)  # tokens, positions: [T] -> [T, D]
+        return self.target(tokens, positions, seqs, blocks=self.blocks)  # tokens, positions: [T] -> [T, D]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
         return self.target.logits(hidden) if self.head is None else self.head.logits(hidden)
 
-    def new_cache(self, max_len: int) -> SubsetKVCache:
-        c = self.config
-        return SubsetKVCache(self.layers, c.num_kv_heads, c.head_dim, max_len)
-
 
 def _nbytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """Weight bytes a forward of `module` reads (quantized linears hold theirs outside the parameters)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
+        sum(m.weight_nbytes for m in module.modules() if isinstance(m, QuantLinear))
 
 
 def auto_layer_sets(num_layers: int) -> list[tuple[int, ...]]:
@@ -89,8 +84,11 @@ def auto_layer_sets(num_layers: int) -> list[tuple[int, ...]]:
 
 
 def layer_sets(cfg: DrafterConfig, num_layers: int) -> list[tuple[int, ...]]:
-    """The candidates cfg.layers names (one list, or a list of lists), or the automatic ones."""
+    """The candidates cfg.layers names (one list, or a list of lists), or the automatic ones (a quantized draft:
+    every layer)."""
     if cfg.layers is None:
+        if cfg.quantization is not WeightQuantization.NONE:
+            return [tuple(range(num_layers))]
         return auto_layer_sets(num_layers)
     sets = cfg.layers if isinstance(cfg.layers[0], list) else [cfg.layers]
     for s in sets:
@@ -156,9 +154,12 @@ class LayerSkipDrafter:
             counts = None if cfg.draft_vocab_counts is None else load_token_counts(cfg.draft_vocab_counts, vocab)
             self.vocab = VocabSubset(vocab, cfg.draft_vocab_size, counts)
             head = TruncatedHead(target.lm_head, self.vocab)
-        self.views = [LayerSkipView(target, s, head) for s in layer_sets(cfg, target.config.num_layers)]
+        self.views = [LayerSkipView(target, s, head, cfg.quantization)
+                      for s in layer_sets(cfg, target.config.num_layers)]
         inner = dataclasses.replace(cfg, num_speculative_tokens=64)  # depth comes from the plan
         self.arms = [ModelDrafter(inner, drafter_id, v, vocab) for v in self.views]
+        for arm in self.arms:
+            arm.shares_target_cache = True
         self.off = len(self.arms)  # with automatic candidates, the bandit's last arm: no draft
         self.bandit = LayerBandit([v.cost for v in self.views] + ([0.0] if cfg.layers is None else []))
         self.plans: dict[str, RequestPlan] = {}

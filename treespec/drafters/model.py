@@ -7,6 +7,8 @@ The draft keeps one KV cache per request holding the committed context except th
    under the node budget), every request of the batch in the same forward; each level's nodes attend to the
    pending slots of their ancestors through a tree mask;
 3. observe: the catch-up piece, the root and the accepted nodes the draft fed are committed, the rest dropped.
+A self-draft (the target's own layers) shares the target's cache instead: step 1 is only the root, and step 3 is
+the target's own commit.
 q rows go through the same penalties and `logits_to_probs` as the target's p (greedy requests rank children by
 the softmax of the penalised logits: their verification only needs the draft's top-k to be good guesses).
 """
@@ -18,16 +20,18 @@ from dataclasses import dataclass, field
 import torch
 
 from treespec.attention.metadata import SeqAttention
-from treespec.config import DrafterConfig
+from treespec.config import DrafterConfig, DraftSampling
 from treespec.drafters.base import DraftRequest
 from treespec.errors import ConfigError, ModelLoadError
 from treespec.kv.cache import KVCache
+from treespec.models.head_sampler import Noise, gumbel
 from treespec.sampling import apply_penalties, logits_to_probs
 from treespec.tree.build import draw_children, prune_tree
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 from treespec.verify import VerifyResult
 
 _CHUNK = 256  # catch-up tokens per request per draft forward
+COUPLED_RATE_EMA = 0.05  # weight of one observation in the running acceptance rate of coupled drafts
 
 
 @dataclass
@@ -44,6 +48,16 @@ class SubsetQ:
         return (SubsetQ(row, self.ids) for row in self.probs)
 
 
+@dataclass
+class Coupling:
+    """Coupled drafting of a temperature-only request: children are the draft's Gumbel-max draws under the noise
+    the target itself draws that position with (`noise(d)`: uniforms below a node of depth d), so a draft close
+    to the target proposes the target's own next token; `rate` estimates how often that first child is accepted
+    (node scores for tree sizing: q says little about it)."""
+    noise: Noise
+    rate: float
+
+
 class Growth:
     """One request's tree, grown level by level: `frontier` are the nodes whose q the next forward computes.
 
@@ -52,9 +66,10 @@ class Growth:
     """
 
     def __init__(self, root: int, kind: DraftKind, generator: torch.Generator | None, drafter: int,
-                 budget: int) -> None:
+                 budget: int, coupling: Coupling | None = None) -> None:
         self.tree = TokenTree.root(root)
         self.kind, self.generator, self.drafter, self.budget = kind, generator, drafter, budget
+        self.coupling = coupling
         self.frontier: list[int] = [0]
 
     def extend(self, q: torch.Tensor | SubsetQ) -> None:  # q: [len(frontier), V]
@@ -67,9 +82,16 @@ class Growth:
     def add_children(self, node: int, q: torch.Tensor | SubsetQ, k: int) -> list[int]:  # q: [V] or a SubsetQ row
         """Draw k children of `node` from q and add them; returns the distinct children in draw order."""
         row = None if self.kind is DraftKind.DETERMINISTIC else q
-        if isinstance(q, SubsetQ):  # one-hot drafts: the top-k of the subset
-            top = torch.topk(q.probs, min(k, int((q.probs > 0).sum())))
-            draws = list(zip(q.ids[top.indices].tolist(), top.values.tolist()))
+        c = self.coupling
+        if isinstance(q, SubsetQ) or c is not None:  # one-hot drafts: the top-k (of the coupled keys)
+            probs, ids = (q.probs, q.ids) if isinstance(q, SubsetQ) else (q, None)
+            keys = probs if c is None else self._coupled_keys(node, probs, ids)
+            top = torch.topk(keys, min(k, int((probs > 0).sum())))
+            toks = top.indices if ids is None else ids[top.indices]
+            ps = probs[top.indices].tolist()
+            if c is not None:  # the first draw is the target's about `rate` of the time; the others share the rest
+                ps = [c.rate] + [(1.0 - c.rate) * p for p in ps[1:]]
+            draws = list(zip(toks.tolist(), ps))
         else:
             draws = [(tok, float(q[tok])) for tok in draw_children(q, k, self.kind, self.generator)]
         children: list[int] = []
@@ -80,13 +102,19 @@ class Growth:
                 children.append(child)
         return children
 
+    def _coupled_keys(self, node: int, probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """log q + g with g the Gumbel noise the target itself will draw this position with: the draft's own
+        Gumbel-max draw under the target's noise, which is the target's draw whenever q is close to p."""
+        u = self.coupling.noise(int(self.tree.depth[node]))
+        return probs.double().log() + gumbel(u if ids is None else u[ids])
+
 
 class StaticGrowth(Growth):
     """SpecInfer's expansion tree: every node at depth i-1 gets expansion[i-1] children."""
 
     def __init__(self, root: int, kind: DraftKind, generator: torch.Generator | None, drafter: int,
-                 budget: int, expansion: list[int]) -> None:
-        super().__init__(root, kind, generator, drafter, budget)
+                 budget: int, coupling: Coupling | None, expansion: list[int]) -> None:
+        super().__init__(root, kind, generator, drafter, budget, coupling)
         self.levels = list(expansion)
         if not self.levels:
             self.frontier = []
@@ -102,8 +130,8 @@ class BestFirstGrowth(Growth):
     `branch` children each; growth stops at max_depth or once `budget` nodes outscore the whole frontier."""
 
     def __init__(self, root: int, kind: DraftKind, generator: torch.Generator | None, drafter: int,
-                 budget: int, max_depth: int, branch: int) -> None:
-        super().__init__(root, kind, generator, drafter, budget)
+                 budget: int, coupling: Coupling | None, max_depth: int, branch: int) -> None:
+        super().__init__(root, kind, generator, drafter, budget, coupling)
         self.depth_left, self.branch = max_depth, branch
         if max_depth <= 0:
             self.frontier = []
@@ -124,13 +152,14 @@ class DraftState:
     cache: KVCache
     tail: int = 0                  # pending slots before the root's: committed tokens fed along with it
     tree: TokenTree | None = None  # this step's grown tree (before pruning)
+    coupled: bool = False          # this step's children were coupled draws
     slots: dict[int, int] = field(default_factory=dict)         # fed node -> its pending slot
     seen: dict[int, torch.Tensor] = field(default_factory=dict)  # fed node -> [slots] bool: pending slots it sees
     out: dict[int, torch.Tensor] = field(default_factory=dict)   # fed node -> its output hidden state [D]
 
     def discard_step(self) -> None:
         self.cache.truncate(self.cache.length)
-        self.tail, self.tree, self.slots, self.seen, self.out = 0, None, {}, {}, {}
+        self.tail, self.tree, self.coupled, self.slots, self.seen, self.out = 0, None, False, {}, {}, {}
 
 
 @dataclass
@@ -157,15 +186,19 @@ class ModelDrafter:
 
     Subclasses may draft over another view of the context (`_context`), feed per-row features
     (`_chain_features`, `_tree_features`) and re-feed accepted tokens instead of keeping them (`keep_accepted`).
+    A self-draft (`shares_target_cache`) reads the target's own cache instead of keeping one: nothing to catch up,
+    and its pending slots are dropped before the target verifies (the committed K/V are always the target's).
     """
 
     keep_accepted = True
+    shares_target_cache = False
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, model: torch.nn.Module, vocab_size: int) -> None:
         self.cfg, self.drafter_id, self.model = cfg, drafter_id, model
         self.vocab_size = vocab_size  # the target's: q rows span the target's vocabulary
         self.max_len = model.config.max_position_embeddings
         self.states: dict[str, DraftState] = {}
+        self.coupled_rate = 0.5  # see Coupling; learned from verification results
 
     @classmethod
     def load(cls, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module, tokenizer) -> "ModelDrafter":
@@ -191,8 +224,10 @@ class ModelDrafter:
                 for job, q in zip(live, self._feed(live)):
                     job.growth.extend(q)
         for i, j in jobs.items():
-            j.state.tree = j.growth.tree
+            j.state.tree, j.state.coupled = j.growth.tree, j.growth.coupling is not None
             trees[i] = j.growth.result()
+            if self.shares_target_cache:
+                j.state.cache.truncate(j.state.cache.length)  # the target's tree goes right after the committed
         return trees
 
     def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:
@@ -200,6 +235,10 @@ class ModelDrafter:
         for d, tree, res in zip(batch, trees, results):
             st = self.states.get(d.request.request_id)
             if st is None or st.tree is None:
+                continue
+            if st.coupled:
+                self._learn_coupled_rate(tree, res)
+            if self.shares_target_cache:
                 continue
             keep = list(range(st.tail + 1))
             node: int | None = 0
@@ -214,10 +253,24 @@ class ModelDrafter:
     def release(self, request) -> None:
         self.states.pop(request.request_id, None)
 
+    def _learn_coupled_rate(self, tree: TokenTree, res: VerifyResult) -> None:
+        """Running P(the verified path enters one of our coupled children | it reached their parent)."""
+        own = {u for u in range(1, tree.n) if any(p.drafter == self.drafter_id for p in tree.proposals[u])}
+        for k, u in enumerate(res.path):
+            kids = [c for c in tree.children(u) if c in own]
+            if not kids:
+                return
+            hit = k + 1 < len(res.path) and res.path[k + 1] in kids
+            self.coupled_rate += COUPLED_RATE_EMA * (float(hit) - self.coupled_rate)
+            if not hit:
+                return
+
     # ---- planning -------------------------------------------------------------------------------------------
     def _state(self, request) -> DraftState:
         st = self.states.get(request.request_id)
-        if st is None:
+        if self.shares_target_cache:
+            st = self.states[request.request_id] = DraftState(request.cache)
+        elif st is None:
             st = self.states[request.request_id] = DraftState(self.model.new_cache(self.max_len))
         st.discard_step()  # a step that was never observed leaves nothing behind
         committed = len(self._context(request)) - 1
@@ -249,8 +302,14 @@ class ModelDrafter:
 
     def _growth(self, d: DraftRequest, depth: int) -> Growth:
         r = d.request
-        kind = DraftKind.DETERMINISTIC if r.params.greedy else DraftKind(d.sampling.value)
-        args = (r.root_token, kind, r.generator, self.drafter_id, d.max_nodes)
+        one_hot = r.params.greedy or d.sampling in (DraftSampling.DETERMINISTIC, DraftSampling.COUPLED)
+        kind = DraftKind.DETERMINISTIC if one_hot else DraftKind(d.sampling.value)
+        coupling = None
+        if d.sampling is DraftSampling.COUPLED and r.params.temperature_only:
+            k0 = len(r.output_ids)
+            noise = lambda depth, r=r, k0=k0: r.output_noise(k0 + depth, self.vocab_size)  # noqa: E731
+            coupling = Coupling(noise, self.coupled_rate)
+        args = (r.root_token, kind, r.generator, self.drafter_id, d.max_nodes, coupling)
         if self.cfg.expansion is not None:
             return StaticGrowth(*args, expansion=self.cfg.expansion[:depth])
         return BestFirstGrowth(*args, max_depth=depth, branch=self.cfg.branch)

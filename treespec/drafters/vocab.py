@@ -41,6 +41,15 @@ def load_token_counts(path: str, vocab_size: int) -> torch.Tensor:  # -> [vocab_
     return counts
 
 
+def save_token_counts(path: Path, token_ids: torch.Tensor, vocab_size: int) -> int:
+    """Write the counts of token_ids as load_token_counts reads them ({"id": count}, counted ids only); returns
+    how many distinct ids were written."""
+    counts = torch.bincount(token_ids.long().flatten(), minlength=vocab_size)[:vocab_size]
+    ids = counts.nonzero().flatten().tolist()
+    Path(path).write_text(json.dumps({str(i): int(counts[i]) for i in ids}, separators=(",", ":")) + "\n")
+    return len(ids)
+
+
 class VocabSubset:
     """Token frequencies and the `size` most frequent ids (ties: lower id first)."""
 
@@ -58,9 +67,10 @@ class VocabSubset:
         return cls(vocab_size, int(ids.numel()), counts)
 
     def count(self, token_ids: list[int]) -> None:
-        if token_ids:
-            self.counts += torch.bincount(torch.tensor(token_ids), minlength=self.vocab_size)[: self.vocab_size]
-            self._fresh += len(token_ids)
+        ids = torch.tensor([t for t in token_ids if 0 <= t < self.vocab_size], dtype=torch.long)
+        if ids.numel():
+            self.counts.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float64))
+            self._fresh += ids.numel()
 
     def stale(self) -> bool:
         return self._ids is None or self._fresh >= REFRESH_TOKENS

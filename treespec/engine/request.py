@@ -86,6 +86,7 @@ class Request:
         self.generator = make_generator(self.params.seed)
         base = self.params.seed if self.params.seed is not None else int(torch.randint(0, 2**62, ()))
         self._uniform_seed = base
+        self._noise: dict[int, torch.Tensor] = {}  # output position -> its Gumbel-max uniforms (shared by drafts)
 
     def output_uniform(self, k: int) -> float:
         """The uniform that samples output token k (fixed per seed and position, whatever the tree shape)."""
@@ -93,8 +94,15 @@ class Request:
 
     def output_noise(self, k: int, vocab_size: int) -> torch.Tensor:  # -> [vocab_size] float64
         """The uniforms behind the Gumbel-max draw of output token k (fixed per seed and position, like
-        output_uniform, from a different stream)."""
-        return torch.rand(vocab_size, generator=self._position_generator(k, 0x5851F42D4C957F2D), dtype=torch.float64)
+        output_uniform, from a different stream). Kept until position k is emitted: coupled drafting and the
+        verification of the same step read the same rows."""
+        u = self._noise.get(k)
+        if u is None or u.shape[0] != vocab_size:
+            for old in [j for j in self._noise if j < len(self.output_ids)]:
+                del self._noise[old]
+            gen = self._position_generator(k, 0x5851F42D4C957F2D)
+            u = self._noise[k] = torch.rand(vocab_size, generator=gen, dtype=torch.float64)
+        return u
 
     def _position_generator(self, k: int, stream: int = 0) -> torch.Generator:
         """A generator seeded by (request seed, output position k), xor `stream` to keep draws apart."""

@@ -109,8 +109,7 @@ def head_path(request: Request, tree: TokenTree) -> HeadPath:
         return HeadPath.FULL
     if p.greedy:
         return HeadPath.ARGMAX
-    plain_temperature = p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
-    return HeadPath.GUMBEL if plain_temperature and tree.all_one_hot() else HeadPath.FULL
+    return HeadPath.GUMBEL if p.temperature_only and tree.all_one_hot() else HeadPath.FULL
 
 
 def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[TokenTree],

@@ -42,18 +42,19 @@ class CausalLM(HFLoadable):
         self.lm_head: LMHead | None = None
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
-                layers: Sequence[int] | None = None) -> torch.Tensor:
+                blocks: Sequence[torch.nn.Module] | None = None) -> torch.Tensor:
         """Final-normed hidden states [T, D] of tokens: [T] at positions: [T].
 
         seqs: each request's rows and cache (reserve() done by the caller, which also commits).
-        layers: indices of the decoder layers to run, in order (default all; fewer for layer-skip drafting).
+        blocks: the decoder blocks to run, in order (default all of self.layers; self-speculative drafting runs a
+        subset of them, or quantized copies, each writing the cache layer of its own index).
         """
         h = self.embed_tokens(tokens)
         full = self.rope_full.lookup(positions)
         local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions)
         batch = ForwardBatch(seqs, positions, {False: full, True: local})
-        for i in range(self.config.num_layers) if layers is None else layers:
-            h = self.layers[i](h, batch)
+        for block in self.layers if blocks is None else blocks:
+            h = block(h, batch)
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32

@@ -1,0 +1,76 @@
+"""Coupled drafting: a draft picks its children by Gumbel-max under the very noise the target draws each output
+position with (Request.output_noise), so a draft close to the target proposes the target's own next token.
+
+Oracles: seeded speculative sampling with coupled drafts emits exactly plain seeded sampling's tokens (the output
+is a function of the seed alone, whatever the draft); a draft that *is* the target (every layer, fp32, full
+vocabulary) has its coupled drafts accepted (one-hot top-1 drafts of the same draft mostly are not at T = 1), and
+the drafter's running acceptance rate learns it; requests with top-p or penalties fall back to one-hot drafts.
+"""
+import pytest
+import torch
+from serving_tiny import tiny_engine, tiny_tokenizer
+
+from treespec.engine.request import Request
+from treespec.sampling import SamplingParams
+
+PROMPT = "the cat sat on the mat. a dog ran in the park. the cat sat on the"
+ALL_LAYERS = [0, 1]  # the tiny target's two layers
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _run(engine, prompts, params_list, speculate=True):
+    reqs = [engine.add_request(p, params, speculate=speculate) for p, params in zip(prompts, params_list)]
+    while engine.has_unfinished():
+        engine.step()
+    return [r.output_ids for r in reqs]
+
+
+def _self_draft(quantization: str, vocab: int | None = None, sampling: str = "coupled") -> dict:
+    return {"method": "layer_skip", "layers": ALL_LAYERS, "quantization": quantization, "draft_vocab_size": vocab,
+            "num_speculative_tokens": 4, "branch": 2, "draft_sampling": sampling, "budget": 6}
+
+
+@pytest.mark.parametrize("spec", [_self_draft("none"), _self_draft("fp16", vocab=40),
+                                  {"method": "layer_skip", "layers": [0], "draft_sampling": "coupled", "budget": 6}],
+                         ids=["self_fp32", "self_fp16_truncated", "skip_layer"])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)], ids=["gumbel", "top_p"])
+def test_coupled_seeded_sampling_equals_plain(tok, spec, temperature, top_p):
+    ids = tok.encode(PROMPT)
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=s, max_tokens=24, ignore_eos=True)
+              for s in range(4)]
+    plain = _run(tiny_engine(tok), [ids] * 4, params, speculate=False)
+    engine = tiny_engine(tok, spec)
+    assert _run(engine, [ids] * 4, params) == plain
+    assert engine.stats.num_draft_tokens > 0
+    assert len({tuple(o) for o in plain}) > 1
+
+
+def _acceptance(tok, sampling: str) -> tuple[float, object]:
+    engine = tiny_engine(tok, _self_draft("none", sampling=sampling))
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
+    _run(engine, [tok.encode(PROMPT)] * 4, params)
+    s = engine.stats
+    return s.num_accepted_tokens / max(1, s.num_steps), engine.drafters[0].arms[0]
+
+
+def test_a_coupled_draft_of_the_target_is_the_target(tok):
+    """Draft == target: every coupled chain is accepted down to its depth (one-hot top-k: far fewer)."""
+    coupled, arm = _acceptance(tok, "coupled")
+    one_hot, _ = _acceptance(tok, "deterministic")
+    assert coupled > 2.5 and coupled > 2 * one_hot
+    assert arm.coupled_rate > 0.9
+
+
+def test_output_noise_is_kept_until_its_position_is_emitted():
+    r = Request("a", [1, 2, 3], SamplingParams(temperature=1.0, seed=5))
+    u = r.output_noise(2, 50)
+    assert r.output_noise(2, 50) is u
+    r.output_ids += [7, 8, 9]
+    again = r.output_noise(3, 50)  # position 2 is emitted now: its row is dropped
+    assert 2 not in r._noise and 3 in r._noise
+    fresh = Request("b", [1], SamplingParams(temperature=1.0, seed=5))
+    assert torch.equal(fresh.output_noise(3, 50), again) and torch.equal(fresh.output_noise(2, 50), u)
