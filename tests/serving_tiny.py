@@ -54,6 +54,14 @@ def tiny_engine(tokenizer: Tokenizer, spec: dict | None = None, **config) -> LLM
                      build_drafters(spec_cfg, model, tokenizer))
 
 
+def run_to_end(engine: LLMEngine, prompts: list[list[int]], params_list, speculate: bool = True) -> list[list[int]]:
+    """Add one request per (prompt, params), step until all finish; their output ids in order."""
+    reqs = [engine.add_request(p, params, speculate=speculate) for p, params in zip(prompts, params_list)]
+    while engine.has_unfinished():
+        engine.step()
+    return [r.output_ids for r in reqs]
+
+
 def save_tiny_model_dir(path: Path) -> Path:
     """config.json + model.safetensors + tokenizer files, loadable by `treespec serve --model PATH`."""
     from safetensors.torch import save_file

@@ -8,7 +8,7 @@ the drafter's running acceptance rate learns it; requests with top-p or penaltie
 """
 import pytest
 import torch
-from serving_tiny import tiny_engine, tiny_tokenizer
+from serving_tiny import run_to_end, tiny_engine, tiny_tokenizer
 
 from treespec.engine.request import Request
 from treespec.sampling import SamplingParams
@@ -20,13 +20,6 @@ ALL_LAYERS = [0, 1]  # the tiny target's two layers
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
-
-
-def _run(engine, prompts, params_list, speculate=True):
-    reqs = [engine.add_request(p, params, speculate=speculate) for p, params in zip(prompts, params_list)]
-    while engine.has_unfinished():
-        engine.step()
-    return [r.output_ids for r in reqs]
 
 
 def _self_draft(quantization: str, vocab: int | None = None, sampling: str = "coupled") -> dict:
@@ -42,9 +35,9 @@ def test_coupled_seeded_sampling_equals_plain(tok, spec, temperature, top_p):
     ids = tok.encode(PROMPT)
     params = [SamplingParams(temperature=temperature, top_p=top_p, seed=s, max_tokens=24, ignore_eos=True)
               for s in range(4)]
-    plain = _run(tiny_engine(tok), [ids] * 4, params, speculate=False)
+    plain = run_to_end(tiny_engine(tok), [ids] * 4, params, speculate=False)
     engine = tiny_engine(tok, spec)
-    assert _run(engine, [ids] * 4, params) == plain
+    assert run_to_end(engine, [ids] * 4, params) == plain
     assert engine.stats.num_draft_tokens > 0
     assert len({tuple(o) for o in plain}) > 1
 
@@ -52,7 +45,7 @@ def test_coupled_seeded_sampling_equals_plain(tok, spec, temperature, top_p):
 def _acceptance(tok, sampling: str) -> tuple[float, object]:
     engine = tiny_engine(tok, _self_draft("none", sampling=sampling))
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
-    _run(engine, [tok.encode(PROMPT)] * 4, params)
+    run_to_end(engine, [tok.encode(PROMPT)] * 4, params)
     s = engine.stats
     return s.num_accepted_tokens / max(1, s.num_steps), engine.drafters[0].arms[0]
 

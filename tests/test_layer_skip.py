@@ -253,7 +253,7 @@ def test_depth_adapts_to_acceptance():
     assert tree.n == 1 and d.bandit.arms[0].steps == steps and d.plans["a"].depth == 4
 
 
-def test_layer_sets_and_config_errors():
+def test_layer_sets_and_config_errors(monkeypatch):
     assert auto_layer_sets(18)[0] == (0, 2, 4, 6, 8, 10, 12, 14, 16, 17)
     assert auto_layer_sets(18)[1] == (0, 3, 6, 9, 12, 15, 17)
     assert auto_layer_sets(18)[2] == tuple(range(9))
@@ -274,6 +274,10 @@ def test_layer_sets_and_config_errors():
     with pytest.raises(ConfigError, match="^quantization: only the layer_skip method"):
         DrafterConfig(method="ngram", quantization="fp16")
     assert layer_sets(DrafterConfig(method="layer_skip", quantization="fp16"), 4) == [(0, 1, 2, 3)]
+    with monkeypatch.context() as m:  # a torch build without fbgemm: a clear error, not a crash in a kernel
+        m.setattr("treespec.drafters.layer_skip.fp16_ops_available", lambda: False)
+        with pytest.raises(ConfigError, match="^quantization: fp16 drafts need fbgemm"):
+            LayerSkipDrafter(DrafterConfig(method="layer_skip", quantization="fp16"), 0, target_model("llama"))
     spec = SpecConfig.parse('{"method": "layer_skip", "layers": null, "draft_vocab_size": 32768}')
     assert spec.drafters[0].draft_vocab_size == 32768 and spec.drafters[0].layers is None
 

@@ -4,7 +4,7 @@ exactly plain seeded sampling's tokens, alone or batched. Temperature-only reque
 (HeadPath.GUMBEL), top-p ones by inverse CDF over full distributions (HeadPath.FULL); both are covered. (The tiny
 model is random: at T = 1 its drafts are almost never accepted, so T = 0.3 keeps acceptance testable.)"""
 import pytest
-from serving_tiny import tiny_engine, tiny_tokenizer
+from serving_tiny import run_to_end, tiny_engine, tiny_tokenizer
 
 from treespec.sampling import SamplingParams
 
@@ -16,21 +16,14 @@ def tok():
     return tiny_tokenizer()
 
 
-def _run(engine, prompts, params_list, speculate=True):
-    reqs = [engine.add_request(p, params, speculate=speculate) for p, params in zip(prompts, params_list)]
-    while engine.has_unfinished():
-        engine.step()
-    return [r.output_ids for r in reqs]
-
-
 @pytest.mark.parametrize("temperature, top_p", [(0.3, 1.0), (0.3, 0.9)], ids=["gumbel", "full"])
 def test_speculative_seeded_sampling_equals_plain(tok, temperature, top_p):
     ids = tok.encode(PROMPT)
     params = [SamplingParams(temperature=temperature, top_p=top_p, seed=s, max_tokens=40, ignore_eos=True)
               for s in range(6)]
-    plain = _run(tiny_engine(tok), [ids] * 6, params, speculate=False)
+    plain = run_to_end(tiny_engine(tok), [ids] * 6, params, speculate=False)
     spec_engine = tiny_engine(tok, {"method": "ngram", "budget": 6})
-    spec = _run(spec_engine, [ids] * 6, params)
+    spec = run_to_end(spec_engine, [ids] * 6, params)
     assert spec == plain
     assert spec_engine.stats.num_accepted_tokens > 0  # speculation really happened
     assert len({tuple(o) for o in plain}) > 1          # and the seeds really differ
@@ -40,6 +33,6 @@ def test_seeded_request_is_the_same_alone_and_in_a_batch(tok):
     ids = tok.encode(PROMPT)
     p = SamplingParams(temperature=1.0, seed=11, max_tokens=30, ignore_eos=True)
     other = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
-    alone = _run(tiny_engine(tok, {"method": "ngram"}), [ids], [p])[0]
-    batched = _run(tiny_engine(tok, {"method": "ngram"}), [tok.encode("a server"), ids, ids], [other, p, other])[1]
+    alone = run_to_end(tiny_engine(tok, {"method": "ngram"}), [ids], [p])[0]
+    batched = run_to_end(tiny_engine(tok, {"method": "ngram"}), [tok.encode("a server"), ids, ids], [other, p, other])[1]
     assert alone == batched

@@ -30,6 +30,7 @@ from treespec.drafters.base import DraftRequest
 from treespec.drafters.model import ModelDrafter
 from treespec.drafters.vocab import TruncatedHead, VocabSubset, load_token_counts
 from treespec.errors import ConfigError
+from treespec.models.lm_head import fp16_ops_available
 from treespec.models.quant import QuantLinear, quantized_copy
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult
@@ -147,6 +148,8 @@ class LayerSkipDrafter:
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module) -> None:
         self.cfg, self.drafter_id = cfg, drafter_id
+        if cfg.quantization is not WeightQuantization.NONE and not fp16_ops_available():
+            raise ConfigError(f"quantization: {cfg.quantization.value} drafts need fbgemm, which this torch build lacks")
         vocab = target.config.vocab_size
         self.vocab: VocabSubset | None = None
         head = None
