@@ -40,7 +40,8 @@ UCB_EXPLORE = 0.5    # UCB1 exploration weight, relative to the best mean reward
 
 
 class LayerSkipView:
-    """The target restricted to `layers` (ascending target indices), with its own caches and optional head.
+    """The target restricted to `layers` (ascending target indices), with an optional truncated head; it drafts on
+    the target's own cache, each block writing the cache layer of its own index.
 
     With `quantization` the view runs its own fp16 / int8 copies of those layers (a quantized self-draft: all
     layers, half or a quarter of the weight bytes, and nearly the target's own next-token distribution)."""

@@ -22,10 +22,10 @@ import torch
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig, DraftSampling
 from treespec.drafters.base import DraftRequest
+from treespec.drafters.growth import BestFirstGrowth, Coupling, Growth, StaticGrowth, SubsetQ
 from treespec.errors import ConfigError, ModelLoadError
 from treespec.kv.cache import KVCache
 from treespec.sampling import apply_penalties, logits_to_probs
-from treespec.drafters.growth import BestFirstGrowth, Coupling, Growth, StaticGrowth, SubsetQ
 from treespec.tree.token_tree import DraftKind, TokenTree
 from treespec.verify import VerifyResult
 
