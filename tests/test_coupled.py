@@ -10,6 +10,8 @@ import pytest
 import torch
 from serving_tiny import run_to_end, tiny_engine, tiny_tokenizer
 
+from treespec.drafters import vocab
+from treespec.drafters.vocab import noise_tail
 from treespec.engine.request import Request
 from treespec.sampling import SamplingParams
 
@@ -67,3 +69,29 @@ def test_output_noise_is_kept_until_its_position_is_emitted():
     assert 2 not in r._noise and 3 in r._noise
     fresh = Request("b", [1], SamplingParams(temperature=1.0, seed=5))
     assert torch.equal(fresh.output_noise(3, 50), again) and torch.equal(fresh.output_noise(2, 50), u)
+
+
+def test_noise_tail_is_the_high_noise_ids_outside_the_subset():
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(5000, generator=g, dtype=torch.float64)
+    in_subset = torch.zeros(5000, dtype=torch.bool)
+    in_subset[torch.randperm(5000, generator=g)[:1000]] = True
+    ids = noise_tail(u, in_subset, expected=200)
+    want = [v for v in range(5000) if u[v] > 1 - 200 / 5000 and not in_subset[v]]
+    assert ids.tolist() == want and 120 < len(want) < 200
+
+
+def _truncated_acceptance(tok, monkeypatch, tail: int) -> float:
+    monkeypatch.setattr(vocab, "NOISE_TAIL", tail)
+    engine = tiny_engine(tok, _self_draft("none", vocab=4))
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
+    run_to_end(engine, [tok.encode(PROMPT)] * 4, params)
+    return engine.stats.num_accepted_tokens / max(1, engine.stats.num_steps)
+
+
+def test_the_noise_tail_lets_a_truncated_draft_propose_outside_its_vocabulary(tok, monkeypatch):
+    """Draft == target over a 4-token draft vocabulary: with a noise tail covering the rest of the tiny vocabulary
+    its coupled chains are the target's draws again; without one, most draws fall outside the 4 tokens."""
+    with_tail = _truncated_acceptance(tok, monkeypatch, 1 << 20)
+    without = _truncated_acceptance(tok, monkeypatch, 0)
+    assert with_tail > 2.5 and with_tail > 1.5 * without

@@ -14,7 +14,7 @@ from treespec.attention.metadata import SeqAttention, single
 from treespec.errors import ModelLoadError
 from treespec.models import ModelConfig, ModelType, build_model
 from treespec.models.config import RopeConfig, RopeType
-from treespec.models.layers import Linear, RotaryTable, pack_linears
+from treespec.models.layers import Linear, RotaryTable, apply_rope, pack_linears
 
 TOL = 1e-4
 PROMPT = 12  # longer than the sliding window
@@ -258,5 +258,15 @@ def test_rope_table_grows_on_demand():
     cos, sin = table.lookup(pos)
     angles = pos[:, None].float() * table.inv_freq
     assert table.cos.shape[0] >= 10
-    torch.testing.assert_close(cos[:, 0], angles.cos(), atol=0, rtol=0)
-    torch.testing.assert_close(sin[:, 0], angles.sin(), atol=0, rtol=0)
+    torch.testing.assert_close(cos[:, 0], torch.cat([angles.cos()] * 2, dim=-1), atol=0, rtol=0)
+    torch.testing.assert_close(sin[:, 0], torch.cat([-angles.sin(), angles.sin()], dim=-1), atol=0, rtol=0)
+
+
+def test_apply_rope_is_hf_rotate_half():
+    table = RotaryTable(RopeConfig(1e4), head_dim=8)
+    pos = torch.tensor([0, 5, 17])
+    x = torch.randn(3, 2, 8)
+    angles = (pos[:, None].float() * table.inv_freq)[:, None]  # [T, 1, hd/2]
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    rotate_half = torch.cat([-x[..., 4:], x[..., :4]], dim=-1)
+    torch.testing.assert_close(apply_rope(x, *table.lookup(pos)), x * cos + rotate_half * sin)

@@ -54,6 +54,7 @@ class LayerSkipView:
                        else quantized_copy(target.layers[i], quantization) for i in layers]
         if head is not None:  # one-hot drafting ranks children over the subset (no 262k-wide rows)
             self.subset_logits, self.vocab_ids = head.subset_logits, head.ids
+            self.noise_tail_logits = head.noise_tail_logits
 
     @property
     def cost(self) -> float:

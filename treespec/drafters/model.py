@@ -231,8 +231,12 @@ class ModelDrafter:
         qs, at = [], 0
         for j in jobs:
             n = len(j.growth.frontier)
-            j.state.out.update(zip(j.growth.frontier, hidden[rows[at:at + n]]))
-            if compact:  # one-hot proposals: q only ranks the children and scores them for tree sizing
+            out = hidden[rows[at:at + n]]
+            j.state.out.update(zip(j.growth.frontier, out))
+            if compact and j.growth.coupling is not None and hasattr(self.model, "noise_tail_logits"):
+                qs.append([self._with_noise_tail(j, u, z, ids, h) for u, z, h in
+                           zip(j.growth.frontier, logits[at:at + n], out)])
+            elif compact:  # one-hot proposals: q only ranks the children and scores them for tree sizing
                 params = j.draft.request.params
                 t = 1.0 if params.greedy else params.temperature
                 qs.append(SubsetQ(torch.softmax(logits[at:at + n] / t, dim=-1), ids))
@@ -240,6 +244,15 @@ class ModelDrafter:
                 qs.append(self._probs(j, logits[at:at + n]))
             at += n
         return qs
+
+    def _with_noise_tail(self, job: _Job, node: int, z: torch.Tensor, ids: torch.Tensor,
+                         hidden: torch.Tensor) -> SubsetQ:  # z: [N] logits over ids, hidden: [D]
+        """A coupled node's q over the draft vocabulary plus the ids whose noise at the node's position is high
+        enough to win from outside it (vocab.noise_tail): most target draws outside the subset are those."""
+        u = job.growth.coupling.noise(int(job.growth.tree.depth[node]))
+        tail, z_tail = self.model.noise_tail_logits(hidden, u)
+        t = job.draft.request.params.temperature
+        return SubsetQ(torch.softmax(torch.cat([z, z_tail]) / t, dim=-1), torch.cat([ids, tail]))
 
     def _frontier_feed(self, job: _Job) -> _Feed:
         """Feed a job's frontier: at the root, the unseen committed tokens then the root (a chain); below it, the

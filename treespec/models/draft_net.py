@@ -187,6 +187,9 @@ class DraftNet(torch.nn.Module):
     def vocab_ids(self) -> torch.Tensor:  # -> [N] the draft vocabulary (target ids, ascending)
         return self.head.ids()
 
+    def noise_tail_logits(self, hidden: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.noise_tail_logits(hidden, u)  # coupled drafting's extra rows (drafters/vocab.py)
+
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=torch.float32)

@@ -89,7 +89,10 @@ def _set_linear(linear: Linear, weight: torch.Tensor, bias: torch.Tensor | None)
 # ---------------------------------------------------------------------------------------------------- norms
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., d] normalised over its last dim, times weight (broadcast against x: one row per head is fine)."""
+    """x: [..., d] normalised over its last dim, times weight (broadcast against x: one row per head is fine).
+    A [d] weight goes into the fused op (one op instead of two: decoding runs ~90 of these per token)."""
+    if weight.dim() == 1:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
 
 
@@ -137,22 +140,24 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryTable(nn.Module):
-    """cos/sin of position * inv_freq for positions 0..capacity-1, grown (doubling) on demand."""
+    """cos/sin of position * inv_freq for positions 0..capacity-1, grown (doubling) on demand, stored as
+    apply_rope uses them: [cos, cos] and [-sin, sin] over the head dim."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, capacity: int = 1024) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
-        self.register_buffer("cos", torch.empty(0, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(0, head_dim // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim), persistent=False)
         self._fill(capacity)
 
     def _fill(self, capacity: int) -> None:
         pos = torch.arange(capacity, dtype=torch.float32, device=self.inv_freq.device)
         angles = pos[:, None] * self.inv_freq[None, :]  # [capacity, hd/2]
-        self.cos, self.sin = angles.cos(), angles.sin()
+        cos, sin = angles.cos(), angles.sin()
+        self.cos, self.sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> cos, sin: [T, 1, hd/2] (broadcast over heads)."""
+        """positions: [T] -> cos, sin: [T, 1, hd] (broadcast over heads)."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             self._fill(max(need, 2 * self.cos.shape[0]))
@@ -160,9 +165,9 @@ class RotaryTable(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [T, heads, hd] by cos, sin: [T, 1, hd/2], pairing dim i with i + hd/2 (HF's rotate_half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate x: [T, heads, hd] by RotaryTable rows cos, sin: [T, 1, hd], pairing dim i with i + hd/2 (HF's
+    rotate_half): x * [cos, cos] + [x2, x1] * [-sin, sin], three ops instead of seven."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ------------------------------------------------------------------------------------------------ attention

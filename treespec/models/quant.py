@@ -48,12 +48,16 @@ class QuantLinear(nn.Module):
             self.weight_nbytes = weight.numel() + 4 * weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():  # decoding's case, without reshapes
+            return self._linear(x)
         flat = x.reshape(-1, self.in_features).float().contiguous()
+        return self._linear(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _linear(self, flat: torch.Tensor) -> torch.Tensor:  # flat: [T, in] fp32 contiguous -> [T, out]
         if self.kind is WeightQuantization.FP16:
-            y = torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
-        else:  # reduce_range: 7-bit activations keep AVX2's u8 x s8 pair sums from saturating int16
-            y = torch.ops.quantized.linear_dynamic(flat, self.packed, True)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return torch.ops.quantized.linear_dynamic_fp16(flat, self.packed)
+        # reduce_range: 7-bit activations keep AVX2's u8 x s8 pair sums from saturating int16
+        return torch.ops.quantized.linear_dynamic(flat, self.packed, True)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind.name}"
