@@ -132,7 +132,8 @@ class TruncatedHead:
             mask = torch.zeros(self.head.vocab_size, dtype=torch.bool)
             mask[subset] = True
             self._mask = (mask, subset)
-        ids = noise_tail(u, self._mask[0], NOISE_TAIL)
+        n = min(u.shape[0], self.head.vocab_size)  # the noise covers the target's vocabulary, the head its rows
+        ids = noise_tail(u[:n], self._mask[0][:n], NOISE_TAIL)
         z = torch.index_select(self.head.weight, 0, ids) @ hidden  # index_select: 4x faster than weight[ids]
         softcap = self.head.softcap
         return ids, z if softcap is None else torch.tanh(z / softcap) * softcap
