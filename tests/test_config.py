@@ -1,7 +1,9 @@
 """Speculative/engine config parsing: vLLM-compatible forms, treespec's tree form, errors that name the field."""
+import json
+
 import pytest
 
-from treespec.config import DrafterMethod, DraftSampling, EngineConfig, SpecConfig
+from treespec.config import DrafterMethod, DraftRequests, DraftSampling, EngineConfig, SpecConfig
 from treespec.errors import ConfigError
 
 
@@ -75,6 +77,20 @@ def test_auto_picks_available_drafters_and_takes_no_fields(monkeypatch, tmp_path
     assert resolved.drafters[0].num_speculative_tokens == 3
     with pytest.raises(ConfigError, match="auto"):
         SpecConfig.parse({"method": "auto", "num_speculative_tokens": 3})
+
+
+def test_auto_gives_sampling_requests_the_shipped_sampling_drafter(monkeypatch, tmp_path):
+    from treespec.drafters import registry
+    monkeypatch.setattr(registry, "shipped_drafters", lambda source: [tmp_path])
+    (tmp_path / "auto.json").write_text(json.dumps({"use_in_auto": False, "sampling": {"drafter": {
+        "method": "layer_skip", "quantization": "fp16", "draft_vocab_size": 64, "draft_vocab_counts": "counts.json"}}}))
+    resolved = registry.resolve_auto(SpecConfig.parse({"method": "auto"}), tmp_path / "model.gguf")
+    assert [(d.method, d.requests) for d in resolved.drafters] == [(DrafterMethod.NGRAM, DraftRequests.GREEDY),
+                                                                   (DrafterMethod.LAYER_SKIP, DraftRequests.SAMPLING)]
+    assert resolved.drafters[1].draft_vocab_counts == str(tmp_path / "counts.json")
+    assert resolved.draft_sampling is DraftSampling.COUPLED
+    with pytest.raises(ConfigError, match="requests"):
+        SpecConfig.parse({"method": "ngram", "requests": "sometimes"})
 
 
 def test_spec_config_from_a_json_file(tmp_path):

@@ -95,3 +95,26 @@ def test_the_noise_tail_lets_a_truncated_draft_propose_outside_its_vocabulary(to
     with_tail = _truncated_acceptance(tok, monkeypatch, 1 << 20)
     without = _truncated_acceptance(tok, monkeypatch, 0)
     assert with_tail > 2.5 and with_tail > 1.5 * without
+
+
+def test_drafters_routed_by_request_kind_keep_both_outputs_exact(tok):
+    """n-gram for greedy requests, the coupled self-draft for sampling ones, in one batch: each drafter sees only its
+    requests and both kinds emit exactly their plain outputs."""
+    spec = {"drafters": [{"method": "ngram", "requests": "greedy"},
+                         dict(_self_draft("none"), requests="sampling")], "draft_sampling": "coupled", "budget": 6}
+    spec["drafters"][1].pop("draft_sampling")
+    spec["drafters"][1].pop("budget")
+    ids = tok.encode(PROMPT)
+    params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)]
+    plain = run_to_end(tiny_engine(tok), [ids] * 2, params, speculate=False)
+    engine = tiny_engine(tok, spec)
+    ngram, self_draft = engine.drafters
+    seen = {d.drafter_id: set() for d in engine.drafters}
+    for d in engine.drafters:
+        propose = d.propose
+        d.propose = lambda batch, d=d, propose=propose: (
+            seen[d.drafter_id].update(b.request.params.greedy for b in batch), propose(batch))[1]
+    assert run_to_end(engine, [ids] * 2, params) == plain
+    assert seen == {ngram.drafter_id: {True}, self_draft.drafter_id: {False}}
+    assert engine.stats.num_accepted_tokens > 0

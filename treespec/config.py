@@ -10,8 +10,9 @@ Accepted speculative configs:
   DrafterConfig. A top-level "method" is shorthand for a single drafter.
 - learned drafters: {"method": "learned", "model": DIR} (a `treespec distill` output directory: head or ssm).
 - {"method": "auto"}: the best drafters available for the model: n-gram drafting (prompt lookup + hierarchical
-  databases) merged with the trained drafter shipped for that model, if any (the default model has one).
-  Untrained self-speculation did not pay on the default model, so auto leaves it out.
+  databases) merged with the trained drafter shipped for that model where that measured faster, and for sampling
+  requests the model's shipped sampling drafter if any (default model: the coupled fp16 self-draft).
+- every drafter takes "requests": "all" | "greedy" | "sampling" (which requests it drafts for).
 - {"method": "none"} (or an empty dict) disables speculation.
 """
 from __future__ import annotations
@@ -31,6 +32,13 @@ class DrafterMethod(Enum):
     DRAFT_MODEL = "draft_model"  # a smaller LM with the same tokenizer (SpecInfer's SSM)
     LAYER_SKIP = "layer_skip"    # the target itself with layers skipped (self-speculation, no extra weights)
     LEARNED = "learned"          # a head or SSM trained by `treespec distill` (over the target's embeddings)
+
+
+class DraftRequests(Enum):
+    """Which requests a drafter drafts for: `auto` gives greedy and sampling requests different drafters."""
+    ALL = "all"
+    GREEDY = "greedy"      # temperature 0 only
+    SAMPLING = "sampling"  # temperature > 0 only
 
 
 class DraftSampling(Enum):
@@ -81,9 +89,11 @@ class DrafterConfig:
     draft_vocab_size: int | None = None      # layer_skip: draft head over the N most frequent tokens; None = all
     draft_vocab_counts: str | None = None    # layer_skip: JSON token counts seeding the frequencies
     quantization: WeightQuantization = WeightQuantization.NONE  # layer_skip: the draft's own fp16/int8 copy of its layers
+    requests: DraftRequests = DraftRequests.ALL  # the requests it drafts for (others get the other drafters' trees)
 
     def __post_init__(self) -> None:
         self.method = _enum(DrafterMethod, self.method, "method")
+        self.requests = _enum(DraftRequests, self.requests, "requests")
         if self.num_speculative_tokens is None:
             self.num_speculative_tokens = 8 if self.method is DrafterMethod.NGRAM else 5
         _check_int(self.num_speculative_tokens, "num_speculative_tokens", 1, 64)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from treespec.config import DraftSampling
+from treespec.config import DrafterConfig, DraftRequests, DraftSampling
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult
 
@@ -23,6 +23,7 @@ class DraftRequest:
 
 class Drafter(Protocol):
     drafter_id: int
+    cfg: DrafterConfig
 
     def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
         """One tree per request, rooted at request.root_token (node 0); may be the bare root."""
@@ -32,3 +33,9 @@ class Drafter(Protocol):
 
     def release(self, request: "Request") -> None:
         """The request finished: drop its state."""
+
+
+def serves(drafter: Drafter, request: "Request") -> bool:
+    """Whether `drafter` drafts for `request` (DrafterConfig.requests: all, greedy only or sampling only)."""
+    kind = drafter.cfg.requests
+    return kind is DraftRequests.ALL or (kind is DraftRequests.GREEDY) == request.params.greedy

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from treespec.config import DrafterConfig, DrafterMethod, SpecConfig
+from treespec.config import DrafterConfig, DrafterMethod, DraftRequests, DraftSampling, SpecConfig
 from treespec.drafters.base import Drafter
 from treespec.drafters.ngram import NgramDrafter
 
@@ -50,16 +50,33 @@ def resolve_auto(spec: SpecConfig, source: Path) -> SpecConfig:
     """`method: auto` -> its n-gram drafter merged with the drafters shipped for this model that pay.
 
     A shipped drafter joins only if its `auto.json` says `"use_in_auto": true`, which records a Spec-Bench
-    measurement (merged vs n-gram alone, same run); drafting settings come from the same file.
+    measurement (merged vs n-gram alone, same run); drafting settings come from the same file. Its `"sampling"`
+    entry names a drafter for sampling requests (measured at T = 1); then those requests get that drafter with
+    coupled drafting, and greedy requests the others.
     """
     if not spec.auto:
         return spec
-    learned = []
+    learned, sampling = [], []
     for path in shipped_drafters(source):
         policy = _auto_policy(path)
         if policy.get("use_in_auto") is True:
             learned.append(DrafterConfig(DrafterMethod.LEARNED, model=str(path), **policy.get("drafter", {})))
-    return dataclasses.replace(spec, drafters=learned + list(spec.drafters), auto=False)
+        if isinstance(policy.get("sampling"), dict) and isinstance(policy["sampling"].get("drafter"), dict):
+            sampling.append(_sampling_drafter(path, policy["sampling"]["drafter"]))
+    drafters = learned + list(spec.drafters)
+    if not sampling:
+        return dataclasses.replace(spec, drafters=drafters, auto=False)
+    greedy = [dataclasses.replace(d, requests=DraftRequests.GREEDY) for d in drafters]
+    draft_sampling = DraftSampling.COUPLED if spec.draft_sampling is DraftSampling.IID else spec.draft_sampling
+    return dataclasses.replace(spec, drafters=greedy + sampling, draft_sampling=draft_sampling, auto=False)
+
+
+def _sampling_drafter(path: Path, d: dict) -> DrafterConfig:
+    """auto.json's drafter for sampling requests (e.g. the fp16 self-draft); a counts file is relative to `path`."""
+    d = dict(d, requests=DraftRequests.SAMPLING.value)
+    if d.get("draft_vocab_counts"):
+        d["draft_vocab_counts"] = str(path / d["draft_vocab_counts"])
+    return DrafterConfig.from_dict(d)
 
 
 def _auto_policy(path: Path) -> dict:

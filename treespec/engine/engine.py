@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from treespec.config import DraftSampling, EngineConfig, SpecConfig
-from treespec.drafters.base import Drafter, DraftRequest
+from treespec.drafters.base import Drafter, DraftRequest, serves
 from treespec.engine.cost_model import CostModel, allocate_nodes
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request, SpecCounters
@@ -35,6 +35,7 @@ class DraftOutcome:
     batch: list[DraftRequest] = field(default_factory=list)   # the speculating requests' draft requests
     drafted: list[TokenTree] = field(default_factory=list)    # their trees as verified
     index: list[int] = field(default_factory=list)            # their positions in `trees`
+    routes: list[list[int]] = field(default_factory=list)     # per drafter: the positions in `batch` it drafted
 
 
 @dataclass
@@ -118,27 +119,32 @@ class LLMEngine:
         Speculation is optional: a drafter that fails leaves its requests with plain (root-only) trees.
         """
         out = DraftOutcome([TokenTree.root(r.root_token) for r in requests])
-        spec_reqs = [i for i, r in enumerate(requests) if r.speculate and self.drafters]
+        spec_reqs = [i for i, r in enumerate(requests) if r.speculate and any(serves(d, r) for d in self.drafters)]
         if not spec_reqs:
             return out
         t0 = time.perf_counter()
         share = max(0, (node_budget - len(requests)) // len(spec_reqs))  # draft nodes per speculating request
         batch = [self._draft_request(requests[i], share) for i in spec_reqs]
+        routes = [[k for k, b in enumerate(batch) if serves(d, b.request)] for d in self.drafters]
         try:
-            proposals = [d.propose(batch) for d in self.drafters]
+            proposals = [dict(zip(ks, d.propose([batch[k] for k in ks]) if ks else []))
+                         for d, ks in zip(self.drafters, routes)]
         except Exception as e:  # noqa: BLE001
             log.warning("drafting failed, verifying plain trees this step: %s", e)
             for r in requests:
                 for d in self.drafters:
                     d.release(r)
             return out
-        merged = proposals[0] if len(proposals) == 1 else [merge_trees(list(ts)) for ts in zip(*proposals)]
+        merged = []
+        for k in range(len(batch)):
+            trees = [p[k] for p in proposals if k in p]
+            merged.append(trees[0] if len(trees) == 1 else merge_trees(trees))
         self.draft_cost_s = 0.8 * self.draft_cost_s + 0.2 * (time.perf_counter() - t0)
         merged = self._size_trees([requests[i] for i in spec_reqs], merged, share,
                                   node_budget - len(requests) + len(spec_reqs))
         for i, tree in zip(spec_reqs, merged):
             out.trees[i] = tree
-        out.batch, out.drafted, out.index = batch, merged, spec_reqs
+        out.batch, out.drafted, out.index, out.routes = batch, merged, spec_reqs, routes
         return out
 
     def verify(self, requests: list[Request], trees: list[TokenTree], hiddens: list[torch.Tensor]) -> list[VerifyResult]:
@@ -170,9 +176,11 @@ class LLMEngine:
         for r, res in zip(requests, results):
             r.cache.commit(res.path)
         if draft.batch:
-            for d in self.drafters:
+            for d, ks in zip(self.drafters, draft.routes):
                 try:
-                    d.observe(draft.batch, draft.drafted, [results[i] for i in draft.index])
+                    if ks:
+                        d.observe([draft.batch[k] for k in ks], [draft.drafted[k] for k in ks],
+                                  [results[draft.index[k]] for k in ks])
                 except Exception as e:  # noqa: BLE001 - drafter state is rebuilt from the request next step
                     log.warning("drafter observe failed: %s", e)
                     for r in requests:
