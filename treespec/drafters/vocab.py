@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from treespec.errors import ConfigError
-from treespec.models.lm_head import LMHead, fp16_ops_available
+from treespec.models.lm_head import LMHead, capped, fp16_ops_available
 from treespec.models.matmul import few_rows_linear
 
 REFRESH_TOKENS = 2048  # newly counted tokens before the subset (and the head slice) is recomputed
@@ -113,7 +113,7 @@ class TruncatedHead:
         self.head, self.subset, self.fp16 = head, subset, fp16 and fp16_ops_available()
         self._ids: torch.Tensor | None = None
         self._weight: torch.Tensor | torch.ScriptObject | None = None
-        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None  # ([V] bool in the subset, the ids it marks)
+        self._mask: torch.Tensor | None = None  # [V] bool: in the current subset (coupled drafting's noise tail)
 
     def ids(self) -> torch.Tensor:  # -> [N] long
         """The current subset; the head slice follows it."""
@@ -121,22 +121,18 @@ class TruncatedHead:
         if ids is not self._ids:
             w = self.head.weight[ids].contiguous()
             self._weight = torch.ops.quantized.linear_prepack_fp16(w, None) if self.fp16 else w
+            self._mask = torch.zeros(self.head.vocab_size, dtype=torch.bool)
+            self._mask[ids] = True
             self._ids = ids
         return ids
 
     def noise_tail_logits(self, hidden: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The noise tail of uniforms u: [V] (see noise_tail) and the full head's logits of those ids for one
         hidden state [D] (fp32 rows, softcapped like subset_logits): ids [m], logits [m]."""
-        subset = self.ids()
-        if self._mask is None or self._mask[1] is not subset:
-            mask = torch.zeros(self.head.vocab_size, dtype=torch.bool)
-            mask[subset] = True
-            self._mask = (mask, subset)
+        self.ids()
         n = min(u.shape[0], self.head.vocab_size)  # the noise covers the target's vocabulary, the head its rows
-        ids = noise_tail(u[:n], self._mask[0][:n], NOISE_TAIL)
-        z = torch.index_select(self.head.weight, 0, ids) @ hidden  # index_select: 4x faster than weight[ids]
-        softcap = self.head.softcap
-        return ids, z if softcap is None else torch.tanh(z / softcap) * softcap
+        ids = noise_tail(u[:n], self._mask[:n], NOISE_TAIL)
+        return ids, self.head.rows(hidden[None], ids)[0]
 
     def bytes_per_forward(self) -> int:
         """Weight bytes one draft head forward reads."""
@@ -148,8 +144,7 @@ class TruncatedHead:
             z = torch.ops.quantized.linear_dynamic_fp16(hidden.contiguous(), self._weight)
         else:
             z = few_rows_linear(self._weight, hidden)
-        softcap = self.head.softcap
-        return z if softcap is None else torch.tanh(z / softcap) * softcap
+        return capped(z, self.head.softcap)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
         """Subset logits scattered into full-vocabulary rows (draft ids mapped back to target ids)."""
