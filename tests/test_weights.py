@@ -148,6 +148,53 @@ def test_index_naming_a_missing_shard(tmp_path: Path) -> None:
         load_checkpoint(str(d))
 
 
+def point_shard_at(d: Path, target: str) -> None:
+    """Rewrite the index so the second shard's tensors live at `target` (relative to the model directory)."""
+    index = d / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = {n: f if f == "model-00001-of-00002.safetensors" else target for n, f in weight_map.items()}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_index_entry_leading_out_of_the_directory_refused(tmp_path: Path) -> None:
+    d = hf_dir(tmp_path, tiny_tensors(), shards=2)
+    (d / "model-00002-of-00002.safetensors").rename(tmp_path / "outside.safetensors")
+    point_shard_at(d, "../outside.safetensors")
+    with pytest.raises(ModelLoadError, match=r"'\.\./outside\.safetensors' points outside the model directory"):
+        load_checkpoint(str(d))
+    point_shard_at(d, str(tmp_path / "outside.safetensors"))  # an absolute path too
+    with pytest.raises(ModelLoadError, match="points outside the model directory"):
+        load_checkpoint(str(d))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": 7}}))
+    with pytest.raises(ModelLoadError, match="entry 7 is not a file name"):
+        load_checkpoint(str(d))
+
+
+def test_index_entry_symlinked_out_of_the_directory_refused(tmp_path: Path) -> None:
+    d = hf_dir(tmp_path, tiny_tensors(), shards=2)
+    (d / "model-00002-of-00002.safetensors").rename(tmp_path / "outside.safetensors")
+    (d / "model-00002-of-00002.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(ModelLoadError, match="'model-00002-of-00002.safetensors' points outside the model dir"):
+        load_checkpoint(str(d))
+    (d / "model-00002-of-00002.safetensors").unlink()
+    (d / "model-00002-of-00002.safetensors").symlink_to(d / "model-00002-of-00002.safetensors")
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors"):  # a loop: refused, named
+        load_checkpoint(str(d))
+
+
+def test_hf_cache_snapshot_links_into_its_blobs(tmp_path: Path) -> None:
+    """A Hugging Face cache snapshot's files are symlinks to ../../blobs: still inside the repo folder, so loaded."""
+    tensors = tiny_tensors()
+    repo = tmp_path / "models--org--tiny"
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    d = hf_dir(tmp_path, tensors, shards=2).rename(repo / "snapshots" / "abc123")
+    for shard in sorted(d.glob("model-*.safetensors")):
+        shard.rename(repo / "blobs" / shard.name)
+        shard.symlink_to(Path("../../blobs") / shard.name)
+    assert set(load_checkpoint(str(d)).tensors) == set(tensors)
+
+
 def test_prequantized_checkpoint_refused(tmp_path: Path) -> None:
     d = hf_dir(tmp_path, tiny_tensors(), config={**CONFIG, "quantization_config": {"quant_method": "gptq"}})
     with pytest.raises(ModelLoadError, match="gptq"):

@@ -101,16 +101,36 @@ def shard_files(directory: Path) -> list[Path]:
             files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ModelLoadError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        missing = [f for f in files if not (directory / f).is_file()]
+        paths = [_shard_path(index, directory, f) for f in files]
+        missing = [f for f, p in zip(files, paths) if not p.is_file()]
         if missing:
             raise ModelLoadError(f"{directory}: shard(s) listed in the index are missing: {', '.join(missing)}")
-        return [directory / f for f in files]
+        return paths
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
     if pickles := sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt")):
         raise ModelLoadError(f"{directory}: only pickle checkpoints ({', '.join(pickles[:3])}) found; they are "
                              f"refused because loading them can run arbitrary code: convert to safetensors")
     raise ModelLoadError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def _shard_path(index: Path, directory: Path, name: Any) -> Path:
+    """A weight_map entry as a path that stays inside the model directory once resolved (symlinks followed), so a
+    doctored index cannot read files elsewhere. A Hugging Face cache snapshot links its files into the repo's
+    blobs/ folder, so there the repo folder (two levels up) is the boundary."""
+    if not isinstance(name, str):
+        raise ModelLoadError(f"{index}: weight_map entry {name!r} is not a file name")
+    root = directory.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    path = directory / name
+    try:
+        inside = path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ModelLoadError(f"{index}: weight_map entry {name!r} cannot be resolved ({e})") from None
+    if not inside:
+        raise ModelLoadError(f"{index}: weight_map entry {name!r} points outside the model directory; refused")
+    return path
 
 
 def load_safetensors_dir(directory: Path, progress: bool = False
