@@ -86,6 +86,20 @@ def test_scheduler_bounds():
     assert b not in s.waiting and s.abort(b.request_id) is None
 
 
+def test_waiting_bound_counts_only_requests_that_must_wait():
+    s = Scheduler(max_num_seqs=2, max_num_batched_tokens=64, max_waiting=0)
+    a, b, c = _req(prompt=[1]), _req(prompt=[1]), _req(prompt=[1])
+    s.add(a)
+    s.add(b)  # free running slots: both start at once, nothing waits
+    assert s.running == [a, b] and not s.waiting
+    with pytest.raises(QueueFullError):
+        s.add(c)  # c would have to wait, and no request may
+    assert not s.waiting and s.schedule().decodes == [a, b]
+    assert s.capacity(10) == 2  # an idle engine holds at most 2 such requests: n = 3 can never be taken
+    kv = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_waiting=1, kv_budget_tokens=100, tree_slots=5)
+    assert kv.capacity(50) == 1 + 1  # the KV budget runs one request of 55 slots; one more may wait
+
+
 def test_kv_budget_is_never_overcommitted():
     s = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_waiting=8, kv_budget_tokens=100, tree_slots=5)
     a, b = _req(max_tokens=40, prompt=range(10)), _req(max_tokens=40, prompt=range(10))  # 55 slots each

@@ -128,12 +128,15 @@ class AsyncEngine:
                      speculate: bool = True) -> RequestStream:
         """Queue params.n choices of one prompt, each an engine request (seed+i for choice i when seeded).
 
-        Raises ConfigError for a request the engine cannot take, QueueFullError when the waiting queue cannot
-        hold all n, EngineClosedError when shutting down.
+        Raises ConfigError for a request the engine cannot take (n more than the queues can ever hold at once
+        included), QueueFullError when they cannot hold all n now, EngineClosedError when shutting down.
         """
         n = params.n
         if self._closed:
             raise EngineClosedError("the server is shutting down")
+        if n > (cap := self.engine.scheduler.capacity(len(prompt_ids) + params.max_tokens)):
+            raise ConfigError(f"n: {n} choices can never be taken together: the server holds at most {cap} "
+                              f"requests this long at once (running and waiting)")
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[RequestDelta | None] = asyncio.Queue()
 

@@ -73,8 +73,10 @@ class LLMEngine:
         if len(prompt_ids) + params.max_tokens > self.max_len:
             raise ConfigError(f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
                               f"exceeds the context length {self.max_len}")
-        if any(not 0 <= t < self.model.config.vocab_size for t in prompt_ids):
-            raise ConfigError("prompt: token id outside the vocabulary")
+        vocab = self.model.config.vocab_size
+        for name, ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids or [])):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ConfigError(f"{name}: token id outside the vocabulary (0..{vocab - 1})")
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, speculate=speculate)
         self.scheduler.add(req)
         req.cache = self.model.new_cache(self.max_len)

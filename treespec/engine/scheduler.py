@@ -44,13 +44,24 @@ class Scheduler:
         """Cache slots this request may ever hold."""
         return len(request.prompt_ids) + request.params.max_tokens + self.tree_slots
 
+    def capacity(self, num_tokens: int) -> int:
+        """How many requests of num_tokens (prompt + max_tokens) each the queues hold at once when idle: the running
+        slots the KV budget leaves room for, plus the waiting bound. More choices of one prompt can never be taken."""
+        need = num_tokens + self.tree_slots
+        fit = self.max_num_seqs if self.kv_budget is None else min(self.max_num_seqs, self.kv_budget // need)
+        return fit + self.max_waiting
+
     def add(self, request: Request) -> None:
+        """Queue the request and start it at once if a running slot and its KV are free; max_waiting bounds only
+        the requests that must wait (so max_waiting 0 still serves up to max_num_seqs at once)."""
         if self.kv_budget is not None and self.kv_need(request) > self.kv_budget:
             raise ConfigError(f"max_tokens: prompt + max_tokens needs {self.kv_need(request)} KV slots, more than "
                               f"the engine's KV budget of {self.kv_budget}")
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
         self.waiting.append(request)
+        self._admit()
+        if len(self.waiting) > self.max_waiting:  # then it is still waiting, last in line
+            self.waiting.pop()
+            raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
 
     def abort(self, request_id: str) -> Request | None:
         """Finish the request as aborted and take it out of the queues; None if it is not here."""
@@ -72,14 +83,7 @@ class Scheduler:
         return done
 
     def schedule(self) -> StepPlan:
-        held = sum(self.kv_need(r) for r in self.running)
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            if self.kv_budget is not None and held + self.kv_need(self.waiting[0]) > self.kv_budget:
-                break  # first come, first served: wait until running requests free their KV
-            r = self.waiting.popleft()
-            held += self.kv_need(r)
-            r.status = RequestStatus.RUNNING
-            self.running.append(r)
+        self._admit()
         plan = StepPlan(decodes=[r for r in self.running if r.prefill_done])
         budget = self.max_tokens - len(plan.decodes)  # every decode verifies at least its root
         # Prefill may take half the budget while others decode, so one long prompt never stalls them.
@@ -93,3 +97,14 @@ class Scheduler:
             budget -= end - r.num_prefilled
         plan.node_budget = len(plan.decodes) + max(0, budget)
         return plan
+
+    def _admit(self) -> None:
+        """Move waiting requests to running, first come first served, while slots and KV allow."""
+        held = sum(self.kv_need(r) for r in self.running)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            if self.kv_budget is not None and held + self.kv_need(self.waiting[0]) > self.kv_budget:
+                break  # first come, first served: wait until running requests free their KV
+            r = self.waiting.popleft()
+            held += self.kv_need(r)
+            r.status = RequestStatus.RUNNING
+            self.running.append(r)
