@@ -7,11 +7,13 @@ shape (404 for an unknown model, 429 when the queue is full, 503 while loading o
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,7 +36,7 @@ class ServerSettings:
     api_key: str | None = None              # None: no authentication
     max_body_bytes: int = 1 << 20
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
-    drain_timeout: float = 30.0             # seconds the engine gets to finish requests at shutdown
+    drain_timeout: float = 30.0             # seconds running requests get at shutdown; then they end as "abort"
 
 
 @dataclass
@@ -51,8 +53,7 @@ def create_app(async_engine: AsyncEngine | None, tokenizer: Tokenizer | None, mo
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        if app.state.backend is not None:
-            await app.state.backend.engine.shutdown(settings.drain_timeout)
+        await drain(app)
 
     app = FastAPI(title="treespec", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings, app.state.backend, app.state.load_error = settings, None, None
@@ -72,6 +73,24 @@ def create_app(async_engine: AsyncEngine | None, tokenizer: Tokenizer | None, mo
 
 def attach_engine(app: FastAPI, async_engine: AsyncEngine, tokenizer: Tokenizer) -> None:
     app.state.backend = Backend(async_engine, tokenizer)
+
+
+async def drain(app: FastAPI) -> None:
+    """Refuse new requests, give running ones drain_timeout seconds, then end the rest with finish_reason "abort",
+    so each stream still sends its last chunk and [DONE]. Safe to call twice (the lifespan calls it again)."""
+    if app.state.backend is not None:
+        await app.state.backend.engine.shutdown(app.state.settings.drain_timeout)
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that starts drain() as soon as shutdown begins. uvicorn waits for open responses and only
+    then runs the lifespan, so without this an expired wait cancels streams mid-body (no [DONE], a traceback
+    each); give it timeout_graceful_shutdown a few seconds above drain_timeout, as a last resort."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        draining = asyncio.create_task(drain(self.config.app))
+        await super().shutdown(sockets)
+        await draining
 
 
 def _snapshot(app: FastAPI):

@@ -2,7 +2,8 @@
 
 The HTTP listener starts before the model loads, so `/health` answers 503 until the engine is ready.
 SIGTERM (or Ctrl+C) stops accepting connections, lets in-flight requests finish for up to --drain-timeout
-seconds, stops the engine thread and exits with status 0.
+seconds, ends the rest with finish_reason "abort" (streams still get [DONE]), stops the engine thread and exits
+with status 0.
 """
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import argparse
 import os
 import signal
 import threading
+import time
 
 API_KEY_ENV = "TREESPEC_API_KEY"
+FLUSH_S = 5.0  # after the drain, seconds responses get to send their last bytes before uvicorn cancels them
 
 
 def add_serve_parser(sub) -> None:
-    from treespec.cli import add_model_args, positive_int
+    from treespec.cli import add_model_args, non_negative_int, positive_int
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -24,8 +27,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
     s.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests running at once")
     s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
-    s.add_argument("--max-waiting", type=int, default=256, help="waiting-queue bound; beyond it requests get 429")
-    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    s.add_argument("--max-waiting", type=non_negative_int, default=256,
+                   help="requests that may wait for a running slot; beyond it they get 429")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get on SIGTERM/SIGINT; then they end with finish_reason abort")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest accepted request body")
     s.add_argument("--cors-origin", action="append", default=None, help="allow this CORS origin (repeatable)")
     s.set_defaults(handler=cmd_serve)
@@ -34,21 +39,26 @@ def add_serve_parser(sub) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from treespec.server.app import ServerSettings, create_app
+    from treespec.server.app import DrainingServer, ServerSettings, create_app
+    drain_timeout = max(args.drain_timeout, 0.0)
     settings = ServerSettings(model_name=args.served_model_name or args.model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                              max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin or [])
+                              max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin or [],
+                              drain_timeout=drain_timeout)
     app = create_app(None, None, settings=settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=max(args.drain_timeout, 0.1))
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=drain_timeout + FLUSH_S)
+    server = DrainingServer(config)
     threading.Thread(target=_load_engine, args=(app, args, server), daemon=True, name="treespec-load").start()
-    # uvicorn re-raises the signal it caught once it has drained; a no-op handler turns that into a clean exit.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn re-raises the signal it caught once it has drained; no-op handlers make that a clean exit (status 0
+    # for Ctrl+C too, not KeyboardInterrupt's 130).
+    stops = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in stops}
     try:
         server.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0 if app.state.load_error is None else 1
 
 
@@ -58,12 +68,19 @@ def _load_engine(app, args: argparse.Namespace, server) -> None:
     from treespec.cli import spec_from_args
     from treespec.engine.async_engine import AsyncEngine
     from treespec.server.app import attach_engine
+    # Say what the (possibly minute-long) wait is: before /health turns 200 the load also measures the verify
+    # cost once per model and machine (cached), so none of it lands on the first requests.
+    print(f"treespec: loading {args.model} (a first start may also measure the verify cost, once); "
+          f"/health answers 503 until it is ready", flush=True)
+    t0 = time.monotonic()
     try:
         llm = LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
                   weight_quantization=args.weight_quantization, num_threads=args.threads,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   max_waiting=args.max_waiting)
         attach_engine(app, AsyncEngine(llm.engine), llm.tokenizer)
+        print(f"treespec: ready after {time.monotonic() - t0:.1f} s: serving on http://{args.host}:{args.port}",
+              flush=True)
     except Exception as e:  # noqa: BLE001 - any load failure ends the server with one line, not a hung process
         app.state.load_error = f"{type(e).__name__}: {e}"
         print(f"treespec: error: could not load {args.model}: {e}", flush=True)
