@@ -14,7 +14,7 @@ import httpx
 import pytest
 from serving_tiny import save_tiny_model_dir
 
-from treespec.cli import _build_parser
+from treespec.cli_args import build_parser
 
 KEY = "env-key"
 
@@ -26,8 +26,8 @@ def free_port() -> int:
 
 
 def test_serve_defaults_to_loopback():
-    args = _build_parser().parse_args(["serve", "--model", "m"])
-    assert args.host == "127.0.0.1" and args.handler.__name__ == "cmd_serve"
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert args.host == "127.0.0.1" and args.command == "serve"
 
 
 @pytest.fixture
