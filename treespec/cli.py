@@ -1,4 +1,7 @@
-"""`treespec generate | inspect | bench | serve | distill`. Bad input prints one line and exits 2, never a traceback."""
+"""`treespec generate | inspect | bench | serve | distill`. Bad input prints one line and exits 2, never a traceback.
+
+The entry point boundary: commands that need an optional extra check for it here, before importing their module.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from treespec.cli_args import EXIT_USAGE, build_parser, spec_from_args
 from treespec.errors import TreespecError
+from treespec.extras import Extra, require
 
 if TYPE_CHECKING:
     from treespec.api import RequestOutput
@@ -94,11 +98,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    require(Extra.BENCH, "treespec bench")
+    if args.mode == "serve":
+        require(Extra.SERVE, "treespec bench --mode serve")
     from treespec.bench.cli import cmd_bench
     return cmd_bench(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    require(Extra.SERVE, "treespec serve")
     from treespec.server.cli import cmd_serve
     return cmd_serve(args)
 

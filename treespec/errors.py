@@ -19,3 +19,7 @@ class QueueFullError(TreespecError):
 
 class EngineClosedError(TreespecError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+class MissingExtraError(TreespecError):
+    """A command needs an optional dependency group (a pip extra) that is not installed."""
