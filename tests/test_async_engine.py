@@ -8,10 +8,9 @@ import pytest
 import torch
 from serving_tiny import tiny_engine, tiny_tokenizer
 
-from treespec.engine.async_engine import AsyncEngine, EngineClosedError, RequestDelta
+from treespec.engine.async_engine import AsyncEngine, RequestDelta
 from treespec.engine.request import FinishReason
-from treespec.engine.scheduler import QueueFullError
-from treespec.errors import ConfigError
+from treespec.errors import ConfigError, EngineClosedError, QueueFullError
 from treespec.sampling import SamplingParams
 
 PROMPTS = ["the quick brown fox", "hello world", "a server streams tokens", "speculative decoding"]

@@ -3,7 +3,8 @@ import pytest
 
 from treespec.engine.emit import apply_stop_strings, emit_tokens, stream_delta
 from treespec.engine.request import FinishReason, Request
-from treespec.engine.scheduler import QueueFullError, Scheduler
+from treespec.engine.scheduler import Scheduler
+from treespec.errors import QueueFullError
 from treespec.sampling import SamplingParams
 
 

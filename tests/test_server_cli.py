@@ -15,7 +15,7 @@ import httpx
 import pytest
 from serving_tiny import save_tiny_model_dir, tiny_backend
 
-from treespec.cli import _build_parser
+from treespec.cli_args import build_parser
 
 KEY = "env-key"
 
@@ -27,8 +27,8 @@ def free_port() -> int:
 
 
 def test_serve_defaults_to_loopback():
-    args = _build_parser().parse_args(["serve", "--model", "m"])
-    assert args.host == "127.0.0.1" and args.handler.__name__ == "cmd_serve"
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert args.host == "127.0.0.1" and args.command == "serve"
 
 
 def launch(model, *flags: str) -> tuple[subprocess.Popen, str]:
@@ -151,9 +151,9 @@ def test_drain_timeout_ends_unfinished_streams_with_abort_and_done(tiny_model, s
 
 def test_negative_max_waiting_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
-        _build_parser().parse_args(["serve", "--max-waiting", "-1"])
+        build_parser().parse_args(["serve", "--max-waiting", "-1"])
     assert e.value.code == 2 and "--max-waiting" in capsys.readouterr().err
-    assert _build_parser().parse_args(["serve", "--max-waiting", "0"]).max_waiting == 0
+    assert build_parser().parse_args(["serve", "--max-waiting", "0"]).max_waiting == 0
 
 
 @pytest.fixture(scope="module")

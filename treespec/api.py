@@ -1,6 +1,7 @@
 """The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -11,7 +12,7 @@ from treespec.drafters.registry import build_drafters, resolve_auto
 from treespec.engine.cost_model import CALIBRATION_TEXT, CostModel
 from treespec.engine.engine import LLMEngine
 from treespec.engine.request import Request
-from treespec.errors import ConfigError
+from treespec.errors import ConfigError, QueueFullError
 from treespec.models.registry import build_model
 from treespec.sampling import SamplingParams
 from treespec.weights.loader import load_checkpoint
@@ -78,10 +79,13 @@ class LLM:
         return self.tokenizer.encode(prompt)
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]], sampling_params: SamplingParams | None = None,
-                 chat: bool = False, on_token: Callable[[Request, str], None] | None = None) -> list[RequestOutput]:
+                 chat: bool = False, on_token: Callable[[Request, str], None] | None = None,
+                 speculate: bool = True) -> list[RequestOutput]:
         """Generate for every prompt (run together as one continuous batch); outputs in prompt order.
 
-        on_token(request, text_delta) is called as text becomes final (streaming).
+        Any number of prompts: they enter the engine as its waiting queue has room (that bound is the server's
+        back-pressure, not a limit here). on_token(request, text_delta) is called as text becomes final
+        (streaming). speculate=False decodes plainly with the same engine (e.g. to compare).
         """
         from treespec.engine.emit import stream_delta
         params = sampling_params or SamplingParams()
@@ -89,9 +93,29 @@ class LLM:
         items = [prompts] if single else list(prompts)
         if not items:
             raise ConfigError("prompts: empty list")
-        reqs = [self.engine.add_request(self.encode_prompt(p, chat), params) for p in items]
-        while self.engine.has_unfinished():
-            for r in self.engine.step():
-                if on_token is not None and (delta := stream_delta(r)):
-                    on_token(r, delta)
+        pending = deque(enumerate(self.encode_prompt(p, chat) for p in items))
+        reqs: list[Request | None] = [None] * len(items)
+        try:
+            while self._feed(pending, reqs, params, speculate) or self.engine.has_unfinished():
+                for r in self.engine.step():
+                    if on_token is not None and (delta := stream_delta(r)):
+                        on_token(r, delta)
+        finally:  # an error or an interrupt leaves nothing of this call in the engine
+            for r in reqs:
+                if r is not None and not r.finished:
+                    self.engine.abort(r.request_id)
         return [RequestOutput.from_request(r, p if isinstance(p, str) else None) for r, p in zip(reqs, items)]
+
+    def _feed(self, pending: deque[tuple[int, list[int]]], reqs: list[Request | None], params: SamplingParams,
+              speculate: bool) -> bool:
+        """Add waiting prompts until the engine's queue is full; True while prompts remain."""
+        while pending:
+            i, ids = pending[0]
+            try:
+                reqs[i] = self.engine.add_request(ids, params, speculate=speculate)
+            except QueueFullError:
+                if not self.engine.has_unfinished():  # an empty engine that refuses will never make room
+                    raise
+                return True
+            pending.popleft()
+        return False

@@ -1,4 +1,4 @@
-"""Errors that mean "the user gave us something we cannot use": the CLI prints one line and exits 2."""
+"""Errors that cross layers: the CLI prints one line and exits 2; the server maps each to an HTTP status."""
 
 
 class TreespecError(Exception):
@@ -11,3 +11,15 @@ class ModelLoadError(TreespecError):
 
 class ConfigError(TreespecError, ValueError):
     """An engine, speculative or sampling setting is invalid; the message names the field."""
+
+
+class QueueFullError(TreespecError):
+    """The engine's waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class EngineClosedError(TreespecError):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+class MissingExtraError(TreespecError):
+    """A command needs an optional dependency group (a pip extra) that is not installed."""

@@ -2,51 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-METHOD_SHORTHANDS = {
-    "ngram": {"method": "ngram"},
-    "auto": {"method": "auto"},
-    "layer_skip": {"method": "layer_skip", "draft_vocab_size": 32768},
-}
-
-
-def add_bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks: Spec-Bench (spec), plain decoding vs HF (ar), server load (serve)")
-    b.add_argument("--mode", choices=["spec", "ar", "serve"], default="spec")
-    b.add_argument("--model", default="gemma-3-270m")
-    b.add_argument("--method", action="append", default=None,
-                   help="name=JSON speculative config or a shorthand (ngram); repeatable")
-    b.add_argument("--dataset", default=None, help="JSONL with 'turns' or 'prompt' (default: shipped Spec-Bench)")
-    b.add_argument("--limit", type=int, default=10, help="prompts per category")
-    b.add_argument("--max-tokens", type=int, default=128)
-    b.add_argument("--temperature", type=float, default=0.0, help="spec mode: 0 = greedy (default), else sampled")
-    b.add_argument("--seed", type=int, default=0, help="spec mode: sampling seed of every request")
-    b.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--weight-quantization", choices=["none", "fp16", "int8"], default="none")
-    b.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedup.png")
-    b.add_argument("--concurrency", default="1,4,16", help="serve mode: comma-separated client counts")
-    b.set_defaults(handler=cmd_bench)
-
-
-def parse_methods(items: list[str] | None) -> dict[str, dict | None]:
-    from treespec.errors import ConfigError
-    methods: dict[str, dict | None] = {"plain": None}
-    for item in items or ["ngram"]:
-        name, _, raw = item.partition("=")
-        if raw:
-            try:
-                methods[name] = json.loads(raw)
-            except json.JSONDecodeError:
-                raise ConfigError(f"--method {name}: not valid JSON") from None
-        elif item in METHOD_SHORTHANDS:
-            methods[item] = METHOD_SHORTHANDS[item]
-        else:
-            raise ConfigError(f"--method {item!r}: use a shorthand ({', '.join(METHOD_SHORTHANDS)}) or name=JSON")
-    return methods
+from treespec.cli_args import parse_methods
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

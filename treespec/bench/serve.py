@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from treespec.bench.dataset import BenchPrompt, load_prompts
+from treespec.cli_args import parse_methods
 
 REQUEST_TIMEOUT_S = 600.0
 
@@ -137,7 +138,6 @@ def markdown_table(results: list[LevelResult]) -> str:
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from treespec.api import LLM
-    from treespec.bench.cli import parse_methods
     from treespec.engine.async_engine import AsyncEngine
     from treespec.errors import ConfigError
     from treespec.server.app import create_app

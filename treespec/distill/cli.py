@@ -5,35 +5,6 @@ import argparse
 from pathlib import Path
 
 
-def add_distill_parser(sub) -> None:
-    d = sub.add_parser("distill", help="train learned drafters (EAGLE-style head or small LM) on the target's own text")
-    d.add_argument("--target", required=True, help="the target: alias, HF directory or .gguf file")
-    d.add_argument("--kind", required=True, choices=["head", "ssm"],
-                   help="head: reads the target's features (EAGLE); ssm: a small LM over tokens only")
-    d.add_argument("--out", required=True, help="folder for the dataset, checkpoints, drafter-k/ and speculative.json")
-    d.add_argument("--text", default=None, help="a local UTF-8 text file to train on instead of generated text")
-    d.add_argument("--num-samples", type=int, default=512, help="sequences the target generates")
-    d.add_argument("--max-tokens", type=int, default=256, help="tokens per generated sequence (or --text piece)")
-    d.add_argument("--draft-vocab", type=int, default=32768, help="output rows: the N most frequent tokens")
-    d.add_argument("--top-k", type=int, default=8, help="target probabilities kept per training row")
-    d.add_argument("--layers", type=int, default=1, help="decoder blocks of the drafter")
-    d.add_argument("--heads", type=int, default=None, help="attention heads (default: the target's)")
-    d.add_argument("--head-dim", type=int, default=None, help="(default: the target's)")
-    d.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: the target's)")
-    d.add_argument("--steps", type=int, default=2000, help="optimizer steps per drafter")
-    d.add_argument("--batch-size", type=int, default=8, help="windows per step")
-    d.add_argument("--seq-len", type=int, default=256, help="rows per window")
-    d.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    d.add_argument("--unroll", type=int, default=3, help="unrolled draft levels trained per step (heads)")
-    d.add_argument("--num-drafters", type=int, default=1, help="drafters trained by collective boost-tuning")
-    d.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    d.add_argument("--threads", type=int, default=None, help="torch threads")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    d.add_argument("--eval-every", type=int, default=200, help="steps between held-out evaluations")
-    d.set_defaults(handler=cmd_distill)
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
     from treespec.api import LLM
     from treespec.distill.data import DataConfig, build_dataset

@@ -20,12 +20,8 @@ from typing import AsyncIterator, Callable
 from treespec.engine.emit import stream_delta
 from treespec.engine.engine import LLMEngine, StepStats
 from treespec.engine.request import FinishReason, Request
-from treespec.errors import ConfigError, TreespecError
+from treespec.errors import ConfigError, EngineClosedError
 from treespec.sampling import SamplingParams
-
-
-class EngineClosedError(TreespecError):
-    """The engine is shutting down and takes no new requests (HTTP 503)."""
 
 
 @dataclass
@@ -45,8 +41,7 @@ class EngineSnapshot:
     """Engine gauges and totals, copied on the engine thread after every step (read by /metrics)."""
     num_running: int = 0
     num_waiting: int = 0
-    stats: StepStats = field(default_factory=StepStats)
-    accepted_per_position: list[int] = field(default_factory=list)  # [d]: steps that accepted a token at depth d+1
+    stats: StepStats = field(default_factory=StepStats)  # accepted_per_position included (/metrics reads it)
     finished: dict[FinishReason, int] = field(default_factory=dict)  # requests ended, by reason (aborts included)
 
 
@@ -57,7 +52,6 @@ class _Choice:
     index: int
     sink: Callable[[RequestDelta], None]
     num_sent_ids: int = 0
-    seen_per_position: list[int] = field(default_factory=list)
 
 
 class RequestStream:
@@ -105,7 +99,6 @@ class AsyncEngine:
         self._stopped = False
         self._choices: dict[str, _Choice] = {}
         self._snapshot = EngineSnapshot()
-        self._per_position: list[int] = []
         self._finished = {reason: 0 for reason in FinishReason}
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="treespec-engine", daemon=True)
@@ -276,7 +269,6 @@ class AsyncEngine:
 
     def _delta(self, choice: _Choice) -> RequestDelta | None:
         r = choice.request
-        self._count_positions(choice)
         text, ids = stream_delta(r), r.output_ids[choice.num_sent_ids:]
         choice.num_sent_ids = len(r.output_ids)
         if not (text or ids or r.finished):
@@ -289,17 +281,8 @@ class AsyncEngine:
             del self._choices[r.request_id]
         return delta
 
-    def _count_positions(self, choice: _Choice) -> None:
-        """Fold this request's new per-depth acceptances into the engine-wide per-position totals."""
-        now = choice.request.metrics.accepted_per_position
-        if len(self._per_position) < len(now):
-            self._per_position.extend([0] * (len(now) - len(self._per_position)))
-        for d, count in enumerate(now):
-            seen = choice.seen_per_position[d] if d < len(choice.seen_per_position) else 0
-            self._per_position[d] += count - seen
-        choice.seen_per_position = list(now)
-
     def _update_snapshot(self) -> None:
-        s = self.engine.scheduler
-        self._snapshot = EngineSnapshot(len(s.running), len(s.waiting), dataclasses.replace(self.engine.stats),
-                                        list(self._per_position), dict(self._finished))
+        s, stats = self.engine.scheduler, self.engine.stats
+        # a copy, its list included: /metrics reads it on the event loop while this thread steps on
+        totals = dataclasses.replace(stats, accepted_per_position=list(stats.accepted_per_position))
+        self._snapshot = EngineSnapshot(len(s.running), len(s.waiting), totals, dict(self._finished))

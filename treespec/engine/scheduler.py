@@ -15,11 +15,7 @@ from dataclasses import dataclass, field
 
 from treespec.engine.request import FinishReason, Request, RequestStatus
 from treespec.engine.runner import PrefillChunk
-from treespec.errors import ConfigError, TreespecError
-
-
-class QueueFullError(TreespecError):
-    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+from treespec.errors import ConfigError, QueueFullError
 
 
 @dataclass

@@ -19,9 +19,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from treespec.engine.async_engine import AsyncEngine, EngineClosedError, RequestStream
-from treespec.engine.scheduler import QueueFullError
-from treespec.errors import TreespecError
+from treespec.engine.async_engine import AsyncEngine, RequestStream
+from treespec.errors import EngineClosedError, QueueFullError, TreespecError
 from treespec.server.auth import ApiKeyMiddleware
 from treespec.server.errors import ApiError, ErrorType, bad_request, from_validation_error, install_error_handlers
 from treespec.server.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics

@@ -13,33 +13,18 @@ import signal
 import threading
 import time
 
-API_KEY_ENV = "TREESPEC_API_KEY"
+import uvicorn
+from fastapi import FastAPI
+
+from treespec.api import LLM
+from treespec.cli_args import API_KEY_ENV, spec_from_args
+from treespec.engine.async_engine import AsyncEngine
+from treespec.server.app import DrainingServer, ServerSettings, attach_engine, create_app
+
 FLUSH_S = 5.0  # after the drain, seconds responses get to send their last bytes before uvicorn cancels them
 
 
-def add_serve_parser(sub) -> None:
-    from treespec.cli import add_model_args, non_negative_int, positive_int
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    add_model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
-    s.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
-    s.add_argument("--max-num-seqs", type=positive_int, default=16, help="requests running at once")
-    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
-    s.add_argument("--max-waiting", type=non_negative_int, default=256,
-                   help="requests that may wait for a running slot; beyond it they get 429")
-    s.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get on SIGTERM/SIGINT; then they end with finish_reason abort")
-    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest accepted request body")
-    s.add_argument("--cors-origin", action="append", default=None, help="allow this CORS origin (repeatable)")
-    s.set_defaults(handler=cmd_serve)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from treespec.server.app import DrainingServer, ServerSettings, create_app
     drain_timeout = max(args.drain_timeout, 0.0)
     settings = ServerSettings(model_name=args.served_model_name or args.model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
@@ -62,12 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if app.state.load_error is None else 1
 
 
-def _load_engine(app, args: argparse.Namespace, server) -> None:
+def _load_engine(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server) -> None:
     """Load the model off the event loop; attach the engine to the app (or record why it failed and stop)."""
-    from treespec.api import LLM
-    from treespec.cli import spec_from_args
-    from treespec.engine.async_engine import AsyncEngine
-    from treespec.server.app import attach_engine
     # Say what the (possibly minute-long) wait is: before /health turns 200 the load also measures the verify
     # cost once per model and machine (cached), so none of it lands on the first requests.
     print(f"treespec: loading {args.model} (a first start may also measure the verify cost, once); "

@@ -41,7 +41,7 @@ class EngineCollector(Collector):
         per_pos = CounterMetricFamily("treespec:spec_decode_num_accepted_tokens_per_pos",
                                       "Steps that accepted a draft token at this tree depth (0 = first).",
                                       labels=["model_name", "position"])
-        for pos, count in enumerate(snap.accepted_per_position):
+        for pos, count in enumerate(stats.accepted_per_position):
             per_pos.add_metric([self._model, str(pos)], count)
         yield per_pos
         done = CounterMetricFamily("treespec:request_success", "Finished requests (choices) by finish reason.",
