@@ -24,9 +24,9 @@ from treespec.attention import select_attention
 from treespec.attention.metadata import SeqAttention
 from treespec.errors import ConfigError
 from treespec.kv.cache import KVCache
-from treespec.models.config import ModelConfig, ModelType, RopeConfig
+from treespec.models.config import ModelConfig, RopeConfig
 from treespec.models.layers import ForwardBatch, RotaryTable, pack_linears, rms_norm
-from treespec.models.llama import LlamaBlock
+from treespec.models.llama import LLAMA, LlamaBlock
 from treespec.models.matmul import few_rows_linear
 
 WEIGHTS_FILE, CONFIG_FILE = "drafter.safetensors", "config.json"
@@ -64,7 +64,7 @@ class DraftNetConfig:
     def model_config(self) -> ModelConfig:
         """The decoder blocks' config (a Llama one: the runtime reuses the target families' block)."""
         rope = RopeConfig(self.rope_theta)
-        return ModelConfig(ModelType.LLAMA, self.draft_vocab_size, self.hidden_size, self.intermediate_size,
+        return ModelConfig(LLAMA.model_type, self.draft_vocab_size, self.hidden_size, self.intermediate_size,
                            self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.rms_norm_eps,
                            rope, rope, self.max_position_embeddings, False, None, (False,) * self.num_layers)
 
