@@ -156,6 +156,19 @@ def test_untied_model_needs_its_head():
         build_model(hf.config.to_dict(), state)
 
 
+def test_modules_give_back_the_hf_tensors_they_loaded(pair):
+    """hf_tensors inverts load_hf (fused q/k/v and gate/up split again, Gemma's 1 + w undone): distill saves by it."""
+    hf, model = pair
+    state = hf.state_dict()
+    for prefix, module in [("model.embed_tokens.", model.embed_tokens)] + [
+            (f"model.layers.{i}.", block) for i, block in enumerate(model.layers)]:
+        want = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        got = module.hf_tensors()
+        assert set(got) == set(want), prefix
+        for name, t in got.items():
+            torch.testing.assert_close(t, want[name], atol=1e-6, rtol=0, msg=prefix + name)
+
+
 @torch.inference_mode()
 def test_multimodal_gemma3_checkpoint_loads_its_text_model():
     hf = hf_model("gemma3")

@@ -104,6 +104,17 @@ def block_tensor_shapes(cfg: DraftNetConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def draft_blocks(cfg: DraftNetConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.ModuleList:
+    """The drafter's decoder blocks (the target families' Llama block) holding `tensors`, unpacked: DraftNet packs
+    them for inference, distill/net.py trains them."""
+    attend = select_attention(None, None)
+    with torch.device("meta"):
+        blocks = torch.nn.ModuleList(LlamaBlock(cfg.model_config(), i, attend) for i in range(cfg.num_layers))
+    for n, block in enumerate(blocks):
+        block.load_hf(lambda name, n=n: tensors[f"layers.{n}.{name}"])
+    return blocks
+
+
 def save_drafter(out_dir: Path, cfg: DraftNetConfig, tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor,
                  dtype: torch.dtype = torch.float16) -> None:
     """Write drafter.safetensors (trained tensors in `dtype`, vocab ids int64) and config.json."""
@@ -151,11 +162,7 @@ class DraftNet(torch.nn.Module):
                               f"{cfg.target_vocab_size}, the target has {target.config.hidden_size} / "
                               f"{target.config.vocab_size}")
         self.net_config, self.config = cfg, cfg.model_config()
-        attend = select_attention(None, None)
-        with torch.device("meta"):
-            self.layers = torch.nn.ModuleList(LlamaBlock(self.config, i, attend) for i in range(cfg.num_layers))
-        for n, block in enumerate(self.layers):
-            block.load_hf(lambda name, n=n: tensors[f"layers.{n}.{name}"])
+        self.layers = draft_blocks(cfg, tensors)
         pack_linears(self.layers)
         self.fc = tensors["fc.weight"]
         self.embed_norm, self.norm = tensors["embed_norm.weight"], tensors["norm.weight"]
