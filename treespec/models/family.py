@@ -1,10 +1,12 @@
-"""Family: everything one model family file declares, so that no other module branches on the family.
+"""Family: everything one model family file declares, so that config reading and GGUF loading need no branch
+on the family.
 
 A family file (models/llama.py, models/gemma3.py, ...) ends with one `Family(...)`: the HF `model_type` it reads,
 its model class, its config reader (transformers' defaults for what a config.json leaves out, as mlx-lm's
 per-family `ModelArgs`) and, when llama.cpp writes the family, its `GGUFLayout` (how the converter renamed and
-changed the tensors and which config keys it leaves out, as mlx-lm's per-family `sanitize`). models/registry.py
-lists the families; config.py, weights/gguf*.py and the model code only read these records.
+changed the tensors and which config keys it leaves out). Checkpoint renames stay on the model class
+(`CausalLM.canonical_names`, mlx-lm's `sanitize`). models/registry.py lists the families and weights/gguf.py
+reads a GGUF's layout from there.
 """
 from __future__ import annotations
 
