@@ -98,11 +98,11 @@ def no_sliding(d: HFConfig, layers: int) -> tuple[int | None, tuple[bool, ...]]:
 
 
 def read_config(model_type: str, d: HFConfig, defaults: Defaults, ropes: RopeReader | None = None,
-                sliding: SlidingReader = no_sliding, **family: Any) -> ModelConfig:
+                sliding: SlidingReader = no_sliding, **fields: Any) -> ModelConfig:
     """The fields every family reads alike, with the family's `defaults`; ModelLoadError if unusable.
 
     ropes: the family's RoPE reader (default: one RoPE for every layer, from rope_theta/rope_scaling or
-    rope_parameters). sliding: which layers slide (default: none). family: the remaining ModelConfig fields.
+    rope_parameters). sliding: which layers slide (default: none). fields: the family's other ModelConfig fields.
     """
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if d.get(k) is None]
@@ -124,7 +124,7 @@ def read_config(model_type: str, d: HFConfig, defaults: Defaults, ropes: RopeRea
         num_kv_heads=kv_heads, head_dim=int(head_dim), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope=rope, rope_local=rope_local, max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", defaults.tie_word_embeddings)),
-        sliding_window=window, sliding_layers=slides, activation=_activation(d, defaults.activation), **family)
+        sliding_window=window, sliding_layers=slides, activation=_activation(d, defaults.activation), **fields)
 
 
 def layer_types(types: list[str], layers: int) -> tuple[bool, ...]:
