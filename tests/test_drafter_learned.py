@@ -1,5 +1,6 @@
-"""Learned drafters (models/draft_net.py, drafters/learned.py): the runtime network equals its training twin,
-and drafting with them never changes what the target says.
+"""Learned drafters (models/draft_net.py, drafters/learned.py): the runtime network equals its training form
+(the same blocks, over unrolled passes instead of a KV cache), and drafting with them never changes what the
+target says.
 
 Oracles: the runtime DraftNet over a KV cache (a chain, then a tree node on its parent's guess) gives the training
 network's unrolled passes 0 and 1; speculative greedy output equals plain greedy output for a head, an ssm, two
@@ -63,6 +64,9 @@ def test_runtime_net_equals_training_passes(tmp_path):
     with torch.no_grad():
         outs = tnet.unrolled(x[None, 1:], h[None, :-1], passes=2)
     cfg, tensors, vids = load_drafter(save(tnet, ids, tmp_path))
+    other = train_net(target, DraftNetKind.HEAD, ids, seed=1)
+    other.load_tensors(tensors)  # what resuming a collective reads back
+    assert all(torch.equal(other.tensors()[k], v) for k, v in tensors.items())
     net = DraftNet(cfg, tensors, vids, target)
     n = x.numel() - 1
     cache = net.new_cache(64)

@@ -245,6 +245,11 @@ def test_unknown_tensor_type_id(gguf_bytes: bytes, tmp_path: Path) -> None:
         _load_bytes(tmp_path, data)
 
 
+def test_every_gguf_layout_is_round_tripped() -> None:
+    from treespec.models import FAMILIES
+    assert {f.gguf.arch for f in FAMILIES if f.gguf is not None} == set(ARCHS)
+
+
 def test_unsupported_architecture(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     write_model(path, "phi3")

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from tiny_hf import (FAMILIES, VOCAB, WINDOW, ancestor_mask, branch, decode, depths, hf_greedy, hf_logits, hf_model,
-                     prefill, random_parents, twin)
+from tiny_hf import (FAMILIES, HF_CLASSES, VOCAB, WINDOW, ancestor_mask, branch, decode, depths, hf_greedy, hf_logits,
+                     hf_model, prefill, random_parents, twin)
 from treespec.attention import AttentionBackend
 from treespec.attention.metadata import SeqAttention, single
 from treespec.errors import ModelLoadError
-from treespec.models import ModelConfig, ModelType, build_model
+from treespec.models import FAMILIES as REGISTERED, build_model, model_config
 from treespec.models.config import RopeConfig, RopeType
 from treespec.models.layers import Linear, RotaryTable, apply_rope, pack_linears
 
@@ -156,6 +156,19 @@ def test_untied_model_needs_its_head():
         build_model(hf.config.to_dict(), state)
 
 
+def test_modules_give_back_the_hf_tensors_they_loaded(pair):
+    """hf_tensors inverts load_hf (fused q/k/v and gate/up split again, Gemma's 1 + w undone): distill saves by it."""
+    hf, model = pair
+    state = hf.state_dict()
+    for prefix, module in [("model.embed_tokens.", model.embed_tokens)] + [
+            (f"model.layers.{i}.", block) for i, block in enumerate(model.layers)]:
+        want = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        got = module.hf_tensors()
+        assert set(got) == set(want), prefix
+        for name, t in got.items():
+            torch.testing.assert_close(t, want[name], atol=1e-6, rtol=0, msg=prefix + name)
+
+
 @torch.inference_mode()
 def test_multimodal_gemma3_checkpoint_loads_its_text_model():
     hf = hf_model("gemma3")
@@ -172,18 +185,18 @@ def test_multimodal_gemma3_checkpoint_loads_its_text_model():
 def test_transformers4_style_config_json_reads_like_the_5x_dict():
     """Older config.json files spell RoPE and layer kinds differently; both must give the same ModelConfig."""
     d = hf_model("gemma3").config.to_dict()
-    new = ModelConfig.from_hf(d)
+    new = model_config(d)
     old = {k: v for k, v in d.items() if k not in ("rope_parameters", "layer_types")}
     old |= {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
             "sliding_window_pattern": 2}
-    assert ModelConfig.from_hf(old) == new
+    assert model_config(old) == new
     assert new.sliding_layers == (True, False, True) and new.window(0) == WINDOW and new.window(1) is None
     assert new.rope == RopeConfig(1e6, RopeType.LINEAR, factor=2.0) and new.rope_local == RopeConfig(1e4)
     assert new.attn_scale == 24 ** -0.5 and new.embed_scale == 48 ** 0.5 and new.norm_unit_offset
 
 
 def test_llama3_rope_scaling_from_rope_scaling_key():
-    cfg = ModelConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+    cfg = model_config({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
                                "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5e5,
                                "max_position_embeddings": 64, "rope_scaling": {
                                    "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}})
@@ -194,8 +207,8 @@ def test_llama3_rope_scaling_from_rope_scaling_key():
 def test_qwen2_window_only_when_enabled():
     base = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 4, "num_attention_heads": 2, "sliding_window": 32768, "max_window_layers": 2}
-    off = ModelConfig.from_hf({**base, "use_sliding_window": False})
-    on = ModelConfig.from_hf({**base, "use_sliding_window": True})
+    off = model_config({**base, "use_sliding_window": False})
+    on = model_config({**base, "use_sliding_window": True})
     assert off.sliding_window is None and not any(off.sliding_layers) and off.qkv_bias and not off.o_bias
     assert on.sliding_layers == (False, False, True, True) and on.window(3) == 32768
 
@@ -213,20 +226,21 @@ def test_config_errors_are_clear(change, message):
     d = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
          "num_hidden_layers": 1, "num_attention_heads": 4, **change}
     with pytest.raises(ModelLoadError, match=message):
-        ModelConfig.from_hf(d)
+        model_config(d)
 
 
 def test_gemma3_without_text_config_is_an_error():
     with pytest.raises(ModelLoadError, match="text_config"):
-        ModelConfig.from_hf({"model_type": "gemma3"})
+        model_config({"model_type": "gemma3"})
 
 
-def test_every_model_type_has_a_class():
-    cfg = ModelConfig.from_hf(hf_model("mistral").config.to_dict())
-    assert cfg.model_type is ModelType.MISTRAL and all(cfg.sliding_layers) and cfg.head_dim == 16
+def test_every_family_is_registered_and_checked_against_transformers():
+    cfg = model_config(hf_model("mistral").config.to_dict())
+    assert cfg.model_type == "mistral" and all(cfg.sliding_layers) and cfg.head_dim == 16
     assert dataclasses.replace(cfg, sliding_window=None).window(0) is None
-    from treespec.models.registry import MODEL_CLASSES
-    assert set(MODEL_CLASSES) == set(ModelType)
+    from treespec.models.registry import family
+    assert all(family(f.model_type) is f and family(w) is f for f in REGISTERED for w in f.wrappers)
+    assert {f.model_type for f in REGISTERED} == set(HF_CLASSES)  # the oracle tests above cover each family
 
 
 # ------------------------------------------------------------------------------------------ fast paths

@@ -43,7 +43,7 @@ def _configs() -> dict[str, tf.PretrainedConfig]:
 
 
 FAMILIES = list(_configs())
-_HF_CLASSES = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+HF_CLASSES = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
                "qwen3": tf.Qwen3ForCausalLM, "gemma3_text": tf.Gemma3ForCausalLM}
 
 
@@ -51,7 +51,7 @@ def hf_model(name: str, seed: int = 0) -> tf.PreTrainedModel:
     cfg = _configs()[name]
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    hf = _HF_CLASSES[cfg.model_type](cfg).eval()
+    hf = HF_CLASSES[cfg.model_type](cfg).eval()
     with torch.no_grad():
         for pname, p in hf.named_parameters():
             if "norm" in pname:

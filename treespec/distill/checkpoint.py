@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from treespec.errors import ConfigError
+
 CKPT_TENSORS, CKPT_JSON = "checkpoint.safetensors", "checkpoint.json"
 
 
@@ -31,8 +33,8 @@ class Checkpoint:
 def save_checkpoint(out_dir: Path, step: int, drafter: int, args: dict, data: dict, rng: torch.Tensor,
                     net: torch.nn.Module, opt: torch.optim.Optimizer, done: list[dict]) -> None:
     from safetensors.torch import save_file
-    tensors = {f"model/{name}": p.detach() for name, p in net.params.items()}
-    for name, p in net.params.items():
+    tensors = {f"model/{name}": p.detach() for name, p in net.named_parameters()}
+    for name, p in net.named_parameters():
         for key, value in opt.state.get(p, {}).items():
             tensors[f"adamw/{name}/{key}"] = torch.as_tensor(value)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,10 +66,13 @@ def load_checkpoint(out_dir: Path) -> Checkpoint | None:
 
 def restore(ckpt: Checkpoint, net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     """Put the checkpoint's tensors into net and its AdamW state into opt (whose params are net's)."""
+    missing = [name for name, _ in net.named_parameters() if f"model/{name}" not in ckpt.tensors]
+    if missing:
+        raise ConfigError(f"--resume: the checkpoint lacks {missing[0]!r} (written by another treespec version?)")
     with torch.no_grad():
-        for name, p in net.params.items():
+        for name, p in net.named_parameters():
             p.copy_(ckpt.tensors[f"model/{name}"])
-    for name, p in net.params.items():
+    for name, p in net.named_parameters():
         prefix = f"adamw/{name}/"
         state = {k[len(prefix):]: v.clone() for k, v in ckpt.tensors.items() if k.startswith(prefix)}
         if state:

@@ -1,4 +1,7 @@
-"""The trainable twin of models/draft_net.DraftNet, with EAGLE-3-style unrolled training.
+"""The training form of models/draft_net.DraftNet, with EAGLE-3-style unrolled training.
+
+The decoder blocks are the runtime's own (`draft_blocks`: the target families' Llama block) with autograd on;
+only their K/V store differs (`PassCache`), so training and drafting cannot drift apart.
 
 Pass 0 reads the target's true features (a head) and is the draft's first level; pass j feeds pass j-1's output
 hidden at row t-1 as the feature of row t: the draft j levels below a committed root. Its attention sees exactly
@@ -13,13 +16,36 @@ import math
 import torch
 import torch.nn.functional as F
 
-from treespec.models.draft_net import DraftNetConfig, block_tensor_shapes
-from treespec.models.layers import RotaryTable, apply_rope
+from treespec.attention.metadata import SeqAttention
+from treespec.models.draft_net import DraftNetConfig, block_tensor_shapes, draft_blocks
+from treespec.models.layers import ForwardBatch, RotaryTable, rms_norm
 from treespec.models.lm_head import capped
+
+_STEM = ("fc", "embed_norm", "feature_norm", "norm")  # the tensors around the blocks, named "<name>.weight"
+
+
+class PassCache:
+    """One sequence's K/V over the unrolled passes, shown to the blocks' `Attention` as a KVCache shows a tree
+    grown level by level: each pass's n rows are pending slots after the earlier passes' (and no committed slots).
+    Each write is kept as its own tensor, as autograd cannot differentiate through a cache written in place."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.length, self.pending = 0, 0
+        self._k: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._v: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def reserve(self, n: int) -> None:
+        self.pending += n
+
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k_new, v_new: [KV, n, hd] -> every pass's k, v so far: [KV, pending, hd]."""
+        self._k[layer].append(k_new)
+        self._v[layer].append(v_new)
+        return torch.cat(self._k[layer], dim=1), torch.cat(self._v[layer], dim=1)
 
 
 class TrainDraftNet(torch.nn.Module):
-    """Parameters named as block_tensor_shapes names them (dots -> the ParameterDict's '/' keys)."""
+    """A drafter being trained: `tensors()` are its weights under the drafter file's names."""
 
     def __init__(self, cfg: DraftNetConfig, embed: torch.Tensor, embed_scale: float | None,
                  head_rows: torch.Tensor, generator: torch.Generator | None = None,
@@ -31,28 +57,27 @@ class TrainDraftNet(torch.nn.Module):
         self.register_buffer("embed", embed, persistent=False)
         self.register_buffer("head_rows", head_rows, persistent=False)
         self.embed_scale = embed_scale
-        self.params = torch.nn.ParameterDict()
-        for name, shape in block_tensor_shapes(cfg).items():
-            if len(shape) == 1:
-                w = torch.ones(shape)
-            else:
-                w = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
-                if name.endswith(("o_proj.weight", "down_proj.weight")):
-                    w /= math.sqrt(2 * cfg.num_layers)
-            self.params[name.replace(".", "/")] = torch.nn.Parameter(w)
+        init = _initial_tensors(cfg, generator)
+        for name in _STEM:
+            setattr(self, name, torch.nn.Parameter(init[f"{name}.weight"]) if f"{name}.weight" in init else None)
+        self.layers = draft_blocks(cfg, init)
+        self.layers.requires_grad_(True)
         self.rope = RotaryTable(cfg.model_config().rope, cfg.head_dim)
-
-    def p(self, name: str) -> torch.Tensor:
-        return self.params[name.replace(".", "/")]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The trained tensors under their file names."""
-        return {k.replace("/", "."): v.detach() for k, v in self.params.items()}
+        out = {f"{name}.weight": p.detach() for name in _STEM if (p := getattr(self, name)) is not None}
+        for n, block in enumerate(self.layers):
+            out |= {f"layers.{n}.{k}": t for k, t in block.hf_tensors().items()}
+        return out
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the values of a drafter file's tensors (the parameters stay the same objects)."""
+        blocks = draft_blocks(self.cfg, tensors)
         with torch.no_grad():
-            for k, v in tensors.items():
-                self.params[k.replace(".", "/")].copy_(v)
+            for name, p in self.named_parameters():
+                p.copy_(tensors[f"{name}.weight"] if name in _STEM
+                        else blocks.get_parameter(name.removeprefix("layers.")))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [..., D] -> [..., N] over the draft vocab
         return capped(hidden @ self.head_rows.T, self.softcap)
@@ -65,53 +90,46 @@ class TrainDraftNet(torch.nn.Module):
         """
         b, n = tokens.shape
         eps = self.cfg.rms_norm_eps
-        emb = F.embedding(tokens, self.embed)
+        emb = F.embedding(tokens.reshape(-1), self.embed)            # [B L, D], sequence i at rows i L ..
         if self.embed_scale is not None:
             emb = emb * self.embed_scale
-        emb = F.rms_norm(emb, emb.shape[-1:], eps=eps) * self.p("embed_norm.weight")
-        cos, sin = self.rope.lookup(torch.arange(n))
-        kv_cache: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(self.cfg.num_layers)]
+        emb = rms_norm(emb, self.embed_norm, eps)
+        positions = torch.arange(n)
+        rope = dict.fromkeys((False, True), self.rope.lookup(positions))
+        caches = [PassCache(self.cfg.num_layers) for _ in range(b)]
         outs: list[torch.Tensor] = []
-        feat = features
+        feat = None if features is None else features.reshape(b * n, -1)
         for j in range(passes if self.cfg.features else 1):
-            if self.cfg.features:
-                f = F.rms_norm(feat, feat.shape[-1:], eps=eps) * self.p("feature_norm.weight")
-                x = torch.cat([f, emb], dim=-1)
-            else:
-                x = emb
-            h = x @ self.p("fc.weight").T
             mask = _unroll_mask(n, j)
-            for layer in range(self.cfg.num_layers):
-                h = self._block(layer, h, cos, sin, mask, kv_cache[layer])
-            out = F.rms_norm(h, h.shape[-1:], eps=eps) * self.p("norm.weight")
+            x = torch.cat([rms_norm(feat, self.feature_norm, eps), emb], dim=-1) if self.cfg.features else emb
+            hidden = []
+            # the blocks take one sequence at a time: a flat batch of B would make autograd zero-fill and sum
+            # B full-batch gradients for the per-request slices in Attention
+            for cache, h in zip(caches, F.linear(x, self.fc).split(n)):
+                cache.reserve(n)
+                batch = ForwardBatch([SeqAttention(cache, 0, n, mask)], positions, rope)
+                for block in self.layers:
+                    h = block(h, batch)
+                hidden.append(h)
+            out = rms_norm(torch.cat(hidden), self.norm, eps).view(b, n, -1)
             outs.append(out)
             # row t of the next pass reads this pass's guess at row t-1 (row 0 gets a placeholder, never scored)
-            feat = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+            feat = torch.cat([out[:, :1], out[:, :-1]], dim=1).reshape(b * n, -1)
         return outs
 
-    def _block(self, n: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-               cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:  # x: [B, L, D]
-        c, pre = self.cfg, f"layers.{n}."
-        b, length, _ = x.shape
-        hx = F.rms_norm(x, x.shape[-1:], eps=c.rms_norm_eps) * self.p(pre + "input_layernorm.weight")
-        q = (hx @ self.p(pre + "self_attn.q_proj.weight").T).view(b * length, c.num_heads, c.head_dim)
-        k = (hx @ self.p(pre + "self_attn.k_proj.weight").T).view(b * length, c.num_kv_heads, c.head_dim)
-        v = (hx @ self.p(pre + "self_attn.v_proj.weight").T).view(b, length, c.num_kv_heads, c.head_dim)
-        cs, sn = cos.repeat(b, 1, 1), sin.repeat(b, 1, 1)
-        q = apply_rope(q, cs, sn).view(b, length, c.num_heads, c.head_dim).transpose(1, 2)
-        k = apply_rope(k, cs, sn).view(b, length, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        cache.append((k, v.transpose(1, 2)))
-        keys = torch.cat([kk for kk, _ in cache], dim=2)    # [B, KV, (j+1) L, hd]
-        values = torch.cat([vv for _, vv in cache], dim=2)
-        rep = c.num_heads // c.num_kv_heads
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim ** -0.5)
-        att = att.transpose(1, 2).reshape(b, length, c.num_heads * c.head_dim)
-        h = x + att @ self.p(pre + "self_attn.o_proj.weight").T
-        hm = F.rms_norm(h, h.shape[-1:], eps=c.rms_norm_eps) * self.p(pre + "post_attention_layernorm.weight")
-        gate, up = hm @ self.p(pre + "mlp.gate_proj.weight").T, hm @ self.p(pre + "mlp.up_proj.weight").T
-        return h + (F.silu(gate) * up) @ self.p(pre + "mlp.down_proj.weight").T
+
+def _initial_tensors(cfg: DraftNetConfig, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """Norms at 1, matrices ~ N(0, 1/fan_in), residual outputs scaled down by sqrt(2 layers)."""
+    out = {}
+    for name, shape in block_tensor_shapes(cfg).items():
+        if len(shape) == 1:
+            w = torch.ones(shape)
+        else:
+            w = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                w /= math.sqrt(2 * cfg.num_layers)
+        out[name] = w
+    return out
 
 
 def _unroll_mask(n: int, j: int) -> torch.Tensor:

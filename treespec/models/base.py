@@ -102,7 +102,7 @@ def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, torc
                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
                 if names]
     if problems:
-        raise ModelLoadError(f"checkpoint does not fit the {config.model_type.value} config "
+        raise ModelLoadError(f"checkpoint does not fit the {config.model_type} config "
                              f"({config.num_layers} layers, hidden {config.hidden_size}): " + "; ".join(problems))
 
 

@@ -1,26 +1,17 @@
-"""ModelConfig: one normalised view of a Hugging Face `config.json` for every supported family.
+"""ModelConfig: one normalised view of a Hugging Face `config.json`, and the reading every family shares.
 
 HF spells the same idea several ways across families and transformers versions (`rope_scaling` + `rope_theta`
-in 4.x files, `rope_parameters` in 5.x, Gemma's nested per-layer-type RoPE, three ways to say which layers
-slide). `ModelConfig.from_hf` folds them into explicit fields with transformers' own defaults, so the model
-code never looks at a raw dict.
+in 4.x files, `rope_parameters` in 5.x, three ways to say which layers slide). `read_config` folds the spellings
+every family shares into explicit fields; each family file passes its own defaults (transformers' class defaults)
+and readers for what only it has, so the model code never looks at a raw dict.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Callable
 
 from treespec.errors import ModelLoadError
-
-
-class ModelType(str, Enum):
-    LLAMA = "llama"
-    MISTRAL = "mistral"
-    QWEN2 = "qwen2"
-    QWEN3 = "qwen3"
-    GEMMA3 = "gemma3_text"  # a multimodal "gemma3" config is read through its text_config
 
 
 class Activation(str, Enum):
@@ -48,7 +39,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: ModelType
+    model_type: str                 # the HF model_type of the family that read it (models/registry.py)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -85,129 +76,66 @@ class ModelConfig:
     def layer_rope(self, layer: int) -> RopeConfig:
         return self.rope_local if self.sliding_layers[layer] else self.rope
 
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Normalise an HF config dict (config.json or PretrainedConfig.to_dict()); ModelLoadError if unusable."""
-        top = d
-        if d.get("model_type") == "gemma3":
-            if not isinstance(d.get("text_config"), dict):
-                raise ModelLoadError("config: model_type 'gemma3' needs a 'text_config' object")
-            d = {"model_type": "gemma3_text", "tie_word_embeddings": top.get("tie_word_embeddings", True),
-                 **d["text_config"]}
-        try:
-            mt = ModelType(d.get("model_type"))
-        except ValueError:
-            known = ", ".join([t.value for t in ModelType] + ["gemma3"])
-            raise ModelLoadError(f"config: unsupported model_type {d.get('model_type')!r} "
-                                 f"(supported: {known})") from None
-        return _parse(mt, d)
+
+# ------------------------------------------------------------------------------------------ shared reading
+
+HFConfig = dict[str, Any]  # a config.json-style dict (HF key names)
+RopeReader = Callable[[HFConfig, int], tuple[RopeConfig, RopeConfig]]       # (d, max_pos) -> (full, sliding)
+SlidingReader = Callable[[HFConfig, int], tuple[int | None, tuple[bool, ...]]]  # (d, layers) -> window, sliding
 
 
-def _parse(mt: ModelType, d: dict[str, Any]) -> ModelConfig:
+@dataclass(frozen=True)
+class Defaults:
+    """A family's transformers class defaults for keys a config.json may leave out."""
+    max_position_embeddings: int
+    head_dim: int | None = None      # None: hidden_size // num_attention_heads
+    activation: Activation = Activation.SILU
+    tie_word_embeddings: bool = False
+
+
+def no_sliding(d: HFConfig, layers: int) -> tuple[int | None, tuple[bool, ...]]:
+    return None, (False,) * layers
+
+
+def read_config(model_type: str, d: HFConfig, defaults: Defaults, ropes: RopeReader | None = None,
+                sliding: SlidingReader = no_sliding, **fields: Any) -> ModelConfig:
+    """The fields every family reads alike, with the family's `defaults`; ModelLoadError if unusable.
+
+    ropes: the family's RoPE reader (default: one RoPE for every layer, from rope_theta/rope_scaling or
+    rope_parameters). sliding: which layers slide (default: none). fields: the family's other ModelConfig fields.
+    """
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if d.get(k) is None]
     if missing:
-        raise ModelLoadError(f"config ({mt.value}): missing required field(s) {', '.join(missing)}")
-    gemma = mt is ModelType.GEMMA3
+        raise ModelLoadError(f"config ({model_type}): missing required field(s) {', '.join(missing)}")
     hidden, heads, layers = int(d["hidden_size"]), int(d["num_attention_heads"]), int(d["num_hidden_layers"])
     kv_heads = int(d.get("num_key_value_heads") or heads)
-    head_dim = d.get("head_dim") or _DEFAULT_HEAD_DIM.get(mt) or hidden // heads
+    head_dim = d.get("head_dim") or defaults.head_dim or hidden // heads
     if heads % kv_heads:
         raise ModelLoadError(f"config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-    max_pos = int(d.get("max_position_embeddings") or _DEFAULT_MAX_POS[mt])
-    rope, rope_local = _ropes(mt, d, max_pos)
-    window, sliding = _sliding(mt, d, layers)
-    if gemma and d.get("use_bidirectional_attention"):
-        raise ModelLoadError("config: use_bidirectional_attention (Gemma embedding models) is not supported")
+    max_pos = int(d.get("max_position_embeddings") or defaults.max_position_embeddings)
+    if d.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelLoadError("config: partial_rotary_factor != 1 is not supported")
+    rope, rope_local = ropes(d, max_pos) if ropes else (_one_rope(model_type, d, max_pos),) * 2
+    window, slides = sliding(d, layers)
     return ModelConfig(
-        model_type=mt, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
+        model_type=model_type, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
         intermediate_size=int(d["intermediate_size"]), num_layers=layers, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=int(head_dim), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope=rope, rope_local=rope_local, max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
-        sliding_window=window, sliding_layers=sliding,
-        activation=_activation(d, gemma),
-        qk_norm=mt in (ModelType.QWEN3, ModelType.GEMMA3),
-        qkv_bias=mt is ModelType.QWEN2 or (mt is not ModelType.MISTRAL and bool(d.get("attention_bias"))),
-        o_bias=mt not in (ModelType.QWEN2, ModelType.MISTRAL) and bool(d.get("attention_bias")),
-        mlp_bias=mt is ModelType.LLAMA and bool(d.get("mlp_bias")),
-        query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)) if gemma else None,
-        attn_logit_softcapping=None,  # transformers' Gemma 3 reads this key but never applies it (Gemma 2 did)
-        final_logit_softcapping=_opt_float(d.get("final_logit_softcapping")) if gemma else None,
-        embed_scale=math.sqrt(hidden) if gemma else None,
-        norm_unit_offset=gemma,
-    )
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", defaults.tie_word_embeddings)),
+        sliding_window=window, sliding_layers=slides, activation=_activation(d, defaults.activation), **fields)
 
 
-# transformers' class defaults for fields a config.json may leave out
-_DEFAULT_HEAD_DIM = {ModelType.QWEN3: 128, ModelType.GEMMA3: 256}
-_DEFAULT_MAX_POS = {ModelType.LLAMA: 2048, ModelType.MISTRAL: 131072, ModelType.QWEN2: 32768,
-                    ModelType.QWEN3: 32768, ModelType.GEMMA3: 131072}
-
-
-def _opt_float(x: Any) -> float | None:
-    return None if x is None else float(x)
-
-
-def _activation(d: dict[str, Any], gemma: bool) -> Activation:
-    name = d.get("hidden_activation") or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-    try:
-        return Activation(name)
-    except ValueError:
-        raise ModelLoadError(f"config: unsupported activation {name!r}") from None
-
-
-def _sliding(mt: ModelType, d: dict[str, Any], layers: int) -> tuple[int | None, tuple[bool, ...]]:
-    """Which layers use a sliding window, following each family's HF rules."""
-    window = d.get("sliding_window")
-    if mt is ModelType.LLAMA:
-        return None, (False,) * layers
-    if mt is ModelType.MISTRAL:  # Mistral slides on every layer when a window is set
-        return window, (window is not None,) * layers
-    if mt in (ModelType.QWEN2, ModelType.QWEN3):
-        if not d.get("use_sliding_window", False):
-            window = None
-        if window is None:
-            return None, (False,) * layers
-        types = d.get("layer_types")
-        if types is None:
-            first = int(d.get("max_window_layers", 28))
-            return window, tuple(i >= first for i in range(layers))
-        return window, _layer_types(types, layers)
-    if window is None:
-        window = 4096
-    types = d.get("layer_types")
-    if types is None:  # older Gemma 3 files: every `pattern`-th layer is global
-        pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
-        return window, tuple(bool((i + 1) % pattern) for i in range(layers))
-    return window, _layer_types(types, layers)
-
-
-def _layer_types(types: list[str], layers: int) -> tuple[bool, ...]:
+def layer_types(types: list[str], layers: int) -> tuple[bool, ...]:
+    """HF's `layer_types` list -> which layers slide."""
     if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
         raise ModelLoadError(f"config: layer_types must list {layers} of 'sliding_attention'/'full_attention'")
     return tuple(t == "sliding_attention" for t in types)
 
 
-def _ropes(mt: ModelType, d: dict[str, Any], max_pos: int) -> tuple[RopeConfig, RopeConfig]:
-    """(full-layer rope, sliding-layer rope) from either rope_parameters (5.x) or rope_theta/rope_scaling (4.x)."""
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ModelLoadError("config: partial_rotary_factor != 1 is not supported")
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    if mt is ModelType.GEMMA3:
-        full = dict(params.get("full_attention") or {})
-        local = dict(params.get("sliding_attention") or {})
-        full = {"rope_theta": d.get("rope_theta", 1e6), **scaling, **full}
-        local = {"rope_theta": d.get("rope_local_base_freq", 1e4), **local}
-        return _rope(full, max_pos), _rope(local, max_pos)
-    if "full_attention" in params:
-        raise ModelLoadError(f"config: per-layer-type rope_parameters are not supported for {mt.value}")
-    rope = _rope({"rope_theta": d.get("rope_theta", 1e4), **scaling, **params}, max_pos)
-    return rope, rope
-
-
-def _rope(p: dict[str, Any], max_pos: int) -> RopeConfig:
+def parse_rope(p: HFConfig, max_pos: int) -> RopeConfig:
+    """One RoPE from HF's keys (`rope_theta` plus a `rope_type`/`type` scaling and its parameters)."""
     name = p.get("rope_type", p.get("type", "default"))
     try:
         kind = RopeType(name)
@@ -229,3 +157,23 @@ def _rope(p: dict[str, Any], max_pos: int) -> RopeConfig:
                           original_max_position_embeddings=int(p.get("original_max_position_embeddings") or max_pos))
     except KeyError as e:
         raise ModelLoadError(f"config: llama3 rope scaling needs {e.args[0]!r}") from None
+
+
+def opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _one_rope(model_type: str, d: HFConfig, max_pos: int) -> RopeConfig:
+    """The RoPE of every layer, from either rope_parameters (5.x) or rope_theta/rope_scaling (4.x)."""
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params:
+        raise ModelLoadError(f"config: per-layer-type rope_parameters are not supported for {model_type}")
+    return parse_rope({"rope_theta": d.get("rope_theta", 1e4), **(d.get("rope_scaling") or {}), **params}, max_pos)
+
+
+def _activation(d: HFConfig, default: Activation) -> Activation:
+    name = d.get("hidden_activation") or d.get("hidden_act") or default.value
+    try:
+        return Activation(name)
+    except ValueError:
+        raise ModelLoadError(f"config: unsupported activation {name!r}") from None

@@ -24,9 +24,9 @@ from treespec.attention import select_attention
 from treespec.attention.metadata import SeqAttention
 from treespec.errors import ConfigError
 from treespec.kv.cache import KVCache
-from treespec.models.config import ModelConfig, ModelType, RopeConfig
+from treespec.models.config import ModelConfig, RopeConfig
 from treespec.models.layers import ForwardBatch, RotaryTable, pack_linears, rms_norm
-from treespec.models.llama import LlamaBlock
+from treespec.models.llama import LLAMA, LlamaBlock
 from treespec.models.matmul import few_rows_linear
 
 WEIGHTS_FILE, CONFIG_FILE = "drafter.safetensors", "config.json"
@@ -64,7 +64,7 @@ class DraftNetConfig:
     def model_config(self) -> ModelConfig:
         """The decoder blocks' config (a Llama one: the runtime reuses the target families' block)."""
         rope = RopeConfig(self.rope_theta)
-        return ModelConfig(ModelType.LLAMA, self.draft_vocab_size, self.hidden_size, self.intermediate_size,
+        return ModelConfig(LLAMA.model_type, self.draft_vocab_size, self.hidden_size, self.intermediate_size,
                            self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.rms_norm_eps,
                            rope, rope, self.max_position_embeddings, False, None, (False,) * self.num_layers)
 
@@ -102,6 +102,17 @@ def block_tensor_shapes(cfg: DraftNetConfig) -> dict[str, tuple[int, ...]]:
                    p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
                    p + "mlp.down_proj.weight": (d, i)}
     return shapes
+
+
+def draft_blocks(cfg: DraftNetConfig, tensors: dict[str, torch.Tensor]) -> torch.nn.ModuleList:
+    """The drafter's decoder blocks (the target families' Llama block) holding `tensors`, unpacked: DraftNet packs
+    them for inference, distill/net.py trains them."""
+    attend = select_attention(None, None)
+    with torch.device("meta"):
+        blocks = torch.nn.ModuleList(LlamaBlock(cfg.model_config(), i, attend) for i in range(cfg.num_layers))
+    for n, block in enumerate(blocks):
+        block.load_hf(lambda name, n=n: tensors[f"layers.{n}.{name}"])
+    return blocks
 
 
 def save_drafter(out_dir: Path, cfg: DraftNetConfig, tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor,
@@ -151,11 +162,7 @@ class DraftNet(torch.nn.Module):
                               f"{cfg.target_vocab_size}, the target has {target.config.hidden_size} / "
                               f"{target.config.vocab_size}")
         self.net_config, self.config = cfg, cfg.model_config()
-        attend = select_attention(None, None)
-        with torch.device("meta"):
-            self.layers = torch.nn.ModuleList(LlamaBlock(self.config, i, attend) for i in range(cfg.num_layers))
-        for n, block in enumerate(self.layers):
-            block.load_hf(lambda name, n=n: tensors[f"layers.{n}.{name}"])
+        self.layers = draft_blocks(cfg, tensors)
         pack_linears(self.layers)
         self.fc = tensors["fc.weight"]
         self.embed_norm, self.norm = tensors["embed_norm.weight"], tensors["norm.weight"]

@@ -4,6 +4,7 @@ Modules are created on the meta device and receive their weights from an HF stat
 so building a model never spends time on random initialisation. Each HF-loadable module names its children
 like HF does, so the HF names of a whole block follow from the module tree; only the fused leaves (q/k/v
 in one matrix, gate/up in one matrix: one weight read per step instead of three or two) map names by hand.
+`hf_tensors` is the inverse of `load_hf`: distill/net.py trains these modules and saves them under HF names.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class HFLoadable(nn.Module):
     def load_hf(self, get: Getter) -> None:
         for name, child in _hf_children(self):
             child.load_hf(_scoped(get, name))
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """The HF tensors (names relative to this module, detached) that load_hf would turn into this module."""
+        return {f"{name}.{k}": t for name, child in _hf_children(self) for k, t in child.hf_tensors().items()}
 
 
 def _hf_children(module: nn.Module) -> Iterator[tuple[str, HFLoadable]]:
@@ -86,6 +91,14 @@ def _set_linear(linear: Linear, weight: torch.Tensor, bias: torch.Tensor | None)
     linear.packed = None  # a packed copy of the old weight would be stale
 
 
+def _split(linear: Linear, names: tuple[str, ...], rows: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """A fused linear's weight (and bias) as the HF tensors `names`, of `rows` output rows each."""
+    parts = {f"{n}.weight": w for n, w in zip(names, linear.weight.detach().split(rows))}
+    if linear.bias is not None:
+        parts |= {f"{n}.bias": b for n, b in zip(names, linear.bias.detach().split(rows))}
+    return parts
+
+
 # ---------------------------------------------------------------------------------------------------- norms
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,6 +126,13 @@ class RMSNorm(HFLoadable):
 
     def load_hf(self, get: Getter) -> None:
         self.assign(get("weight"))
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.hf_weight(self.weight.detach().reshape(-1, self.shape[-1])[0])}
+
+    def hf_weight(self, row: torch.Tensor) -> torch.Tensor:
+        """The HF weight of one row of this norm's weight (undoing Gemma's folded 1 + w)."""
+        return row - 1.0 if self.unit_offset else row
 
     def assign(self, w: torch.Tensor) -> None:
         """Set the HF weight w (broadcast to this norm's shape, e.g. one row per head)."""
@@ -230,6 +250,15 @@ class Attention(HFLoadable):
             q_w, k_w = get("q_norm.weight"), get("k_norm.weight")
             self.qk_norm.assign(torch.cat([q_w.expand(self.heads, -1), k_w.expand(self.kv_heads, -1)]))
 
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        out = _split(self.qkv_proj, ("q_proj", "k_proj", "v_proj"), (q_dim, kv_dim, kv_dim))
+        out |= _split(self.o_proj, ("o_proj",), (self.o_proj.out_features,))
+        if self.qk_norm is not None:
+            norm, w = self.qk_norm, self.qk_norm.weight.detach()
+            out |= {"q_norm.weight": norm.hf_weight(w[0]), "k_norm.weight": norm.hf_weight(w[self.heads])}
+        return out
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:  # x: [T, D] -> [T, D]
         t, h, kv, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                          # [T, (H + 2 KV) hd]
@@ -285,6 +314,11 @@ class MLP(HFLoadable):
                     torch.cat([get("gate_proj.bias"), get("up_proj.bias")]) if b else None)
         _set_linear(self.down_proj, get("down_proj.weight"), get("down_proj.bias") if b else None)
 
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        i, d = self.down_proj.in_features, self.down_proj.out_features
+        gate_up = _split(self.gate_up_proj, ("gate_proj", "up_proj"), (i, i))
+        return gate_up | _split(self.down_proj, ("down_proj",), (d,))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, D] -> [T, D]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
@@ -303,6 +337,9 @@ class Embedding(HFLoadable):
 
     def load_hf(self, get: Getter) -> None:
         self.weight = nn.Parameter(get("weight"), requires_grad=False)
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [T] -> [T, D]
         h = F.embedding(tokens, self.weight)

@@ -1,15 +1,16 @@
-"""Llama-style decoder (also serves Mistral, Qwen2 and Qwen3): pre-norm attention and MLP with residuals.
-
-The families differ only in what ModelConfig already says: Qwen2's q/k/v bias, Qwen3's q/k RMSNorm,
-Mistral/Qwen2 sliding windows, Llama 3 RoPE scaling.
+"""Llama: pre-norm attention and MLP with residuals. Its block and model class also serve Mistral, Qwen2 and
+Qwen3 (models/mistral.py, qwen2.py, qwen3.py), which differ only in what their ModelConfig says.
 """
 from __future__ import annotations
+
+from typing import Collection
 
 import torch
 
 from treespec.attention import AttentionFn
 from treespec.models.base import CausalLM
-from treespec.models.config import ModelConfig
+from treespec.models.config import Defaults, HFConfig, ModelConfig, read_config
+from treespec.models.family import Family, GGUFLayout, MetadataGet
 from treespec.models.layers import MLP, Attention, ForwardBatch, HFLoadable, RMSNorm
 
 
@@ -28,3 +29,18 @@ class LlamaBlock(HFLoadable):
 
 class LlamaForCausalLM(CausalLM):
     block = LlamaBlock
+
+
+def llama_config(d: HFConfig) -> ModelConfig:
+    """Llama's optional biases; no layer slides; Llama 3 RoPE scaling is read with the other RoPE kinds."""
+    bias = bool(d.get("attention_bias"))
+    return read_config("llama", d, Defaults(max_position_embeddings=2048),
+                       qkv_bias=bias, o_bias=bias, mlp_bias=bool(d.get("mlp_bias")))
+
+
+def _gguf_config(key: MetadataGet, config: HFConfig, tensors: Collection[str]) -> HFConfig:
+    return {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in tensors}
+
+
+LLAMA = Family("llama", LlamaForCausalLM, llama_config,
+               gguf=GGUFLayout("llama", "LlamaForCausalLM", _gguf_config, permutes_qk=True))

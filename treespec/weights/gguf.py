@@ -6,6 +6,7 @@ Three things llama.cpp's converter changes on the way in are undone here:
 - Llama's Q/K rows: permuted per head from HF's rotate-half order (pairs i, i + d/2) to interleaved pairs
   (2i, 2i + 1); `unpermute_qk` is the inverse;
 - Gemma's norms: stored as (1 + w); HF's Gemma RMSNorm multiplies by (1 + w) itself, so we subtract 1.
+Which of these a file needs, and its family's names and missing config keys, its family's GGUFLayout says.
 """
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ import torch
 from tqdm import tqdm
 
 from treespec.errors import ModelLoadError
+from treespec.models.family import GGUFLayout
+from treespec.models.registry import gguf_family
 from treespec.weights.dequant import dequantize
 from treespec.weights.gguf_config import hf_config
 from treespec.weights.gguf_file import GGUFFile
-from treespec.weights.gguf_names import NON_PARAMETERS, GGUFArch, hf_name, parse_arch
+from treespec.weights.gguf_names import NON_PARAMETERS, hf_name
 
 
 @dataclass
@@ -37,7 +40,8 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def load_gguf_weights(gguf: GGUFFile, progress: bool = False) -> GGUFWeights:
-    arch = parse_arch(str(gguf.metadata.get("general.architecture", "<missing>")))
+    family = gguf_family(str(gguf.metadata.get("general.architecture", "<missing>")))
+    layout = family.gguf
     infos = {t.name: t for t in gguf.tensors}
     if "token_embd.weight" not in infos:
         raise ModelLoadError(f"{gguf.path}: no token_embd.weight tensor; not a language model GGUF")
@@ -45,23 +49,22 @@ def load_gguf_weights(gguf: GGUFFile, progress: bool = False) -> GGUFWeights:
     if "rope_freqs.weight" in infos:
         info = infos["rope_freqs.weight"]
         rope_freqs = dequantize(gguf.raw(info), info.qtype, info.shape)
-    config = hf_config(gguf.metadata, arch, vocab_size=infos["token_embd.weight"].shape[0],
-                       tied="output.weight" not in infos, rope_freqs=rope_freqs)
-    if "blk.0.attn_q.bias" in infos and arch is GGUFArch.LLAMA:
-        config["attention_bias"] = True
+    config = hf_config(gguf.metadata, family, vocab_size=infos["token_embd.weight"].shape[0],
+                       tied="output.weight" not in infos, rope_freqs=rope_freqs, tensor_names=infos.keys())
     tensors: dict[str, torch.Tensor] = {}
     params = [t for t in gguf.tensors if t.name not in NON_PARAMETERS]
     for info in tqdm(params, desc="dequantizing", unit="tensor", disable=not progress, leave=False):
         w = torch.from_numpy(dequantize(gguf.raw(info), info.qtype, info.shape))
-        tensors[hf_name(info.name, arch)] = _undo_conversion(w, info.name, arch, config)
+        name = hf_name(info.name, layout.arch, layout.layer_names)
+        tensors[name] = _undo_conversion(w, info.name, layout, config)
     return GGUFWeights(config, tensors, dict(Counter(t.qtype.name for t in gguf.tensors)))
 
 
-def _undo_conversion(w: torch.Tensor, gguf_name: str, arch: GGUFArch, config: dict[str, Any]) -> torch.Tensor:
-    if arch.permutes_qk and ".attn_q." in gguf_name:
+def _undo_conversion(w: torch.Tensor, gguf_name: str, layout: GGUFLayout, config: dict[str, Any]) -> torch.Tensor:
+    if layout.permutes_qk and ".attn_q." in gguf_name:
         return unpermute_qk(w, config["num_attention_heads"])
-    if arch.permutes_qk and ".attn_k." in gguf_name:
+    if layout.permutes_qk and ".attn_k." in gguf_name:
         return unpermute_qk(w, config["num_key_value_heads"])
-    if arch.norms_plus_one and gguf_name.endswith("norm.weight"):
+    if layout.norms_plus_one and gguf_name.endswith("norm.weight"):
         return w.sub_(1.0)
     return w

@@ -1,37 +1,34 @@
-"""An HF `config.json`-style dict from GGUF metadata, with family defaults for what llama.cpp leaves out.
+"""An HF `config.json`-style dict from GGUF metadata; the family adds what llama.cpp leaves out.
 
-llama.cpp's Gemma 3 files omit the local (sliding-layer) RoPE base, the sliding/full layer pattern and
-`query_pre_attn_scalar`; transformers' `Gemma3TextConfig` defaults are the values every Gemma 3 size uses
-(10,000; five sliding layers then one full; head_dim), except 27B, whose scalar is hidden/heads = 168.
-Llama 3.x files store their RoPE scaling only as a precomputed per-frequency factor tensor (`rope_freqs`);
-we recover HF's `llama3` parameters from it and check that they reproduce it exactly.
+The keys every family shares are read here; a family's own keys (activation, sliding layers, Gemma's local RoPE
+base...) come from its GGUFLayout.config rule (models/<family>.py). Llama 3.x files store their RoPE scaling only
+as a precomputed per-frequency factor tensor (`rope_freqs`); we recover HF's `llama3` parameters from it and check
+that they reproduce it exactly.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
 from treespec.errors import ModelLoadError
-from treespec.weights.gguf_names import GGUFArch
+from treespec.models.family import Family
 
-_GEMMA3_LOCAL_ROPE_BASE = 10_000.0
-_GEMMA3_SLIDING_PATTERN = 6  # layers i with (i + 1) % 6 != 0 slide
-_GEMMA3_QUERY_SCALAR_BY_HIDDEN = {5376: 168.0}  # 27B; every other size uses head_dim
 _LLAMA3_ROPE_GUESS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def hf_config(meta: dict[str, Any], arch: GGUFArch, vocab_size: int, tied: bool,
-              rope_freqs: np.ndarray | None) -> dict[str, Any]:
-    """The config dict for `arch` (HF key names); rope_freqs: [head_dim / 2] factors or None."""
-    key = _Keys(meta, arch.value)
+def hf_config(meta: dict[str, Any], family: Family, vocab_size: int, tied: bool, rope_freqs: np.ndarray | None,
+              tensor_names: Collection[str]) -> dict[str, Any]:
+    """The config dict for a GGUF of `family` (HF key names); rope_freqs: [head_dim / 2] factors or None."""
+    layout = family.gguf
+    key = _Keys(meta, layout.arch)
     hidden, heads = int(key.need("embedding_length")), int(key.need("attention.head_count"))
     head_dim = int(key.get("attention.key_length", hidden // heads))
     kv_heads = key.get("attention.head_count_kv", heads)
     config: dict[str, Any] = {
-        "architectures": [arch.hf_class],
-        "model_type": arch.model_type,
+        "architectures": [layout.hf_class],
+        "model_type": family.model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": int(key.need("feed_forward_length")),
@@ -48,31 +45,8 @@ def hf_config(meta: dict[str, Any], arch: GGUFArch, vocab_size: int, tied: bool,
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
-    if arch is GGUFArch.GEMMA3:
-        config.update(_gemma3(key, config))
-    else:
-        config["hidden_act"] = "silu"
-        config["attention_bias"] = False  # the loader sets it when the file has q/k/v biases
+    config.update(layout.config(key.get, config, tensor_names))
     return config
-
-
-def _gemma3(key: "_Keys", config: dict[str, Any]) -> dict[str, Any]:
-    layers = config["num_hidden_layers"]
-    pattern = key.get("attention.sliding_window_pattern", _GEMMA3_SLIDING_PATTERN)
-    if isinstance(pattern, (int, np.integer)):
-        sliding = [bool((i + 1) % int(pattern)) for i in range(layers)]
-    else:  # newer llama.cpp writes one bool per layer
-        sliding = [bool(s) for s in pattern]
-    return {
-        "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": _GEMMA3_QUERY_SCALAR_BY_HIDDEN.get(config["hidden_size"], config["head_dim"]),
-        "sliding_window": int(key.get("attention.sliding_window", 4096)),
-        "sliding_window_pattern": _GEMMA3_SLIDING_PATTERN,
-        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-        "rope_local_base_freq": _GEMMA3_LOCAL_ROPE_BASE,
-        "final_logit_softcapping": key.get("final_logit_softcapping"),
-        "attn_logit_softcapping": key.get("attn_logit_softcapping"),
-    }
 
 
 def _rope_scaling(key: "_Keys", rope_freqs: np.ndarray | None, head_dim: int) -> dict[str, Any] | None:
