@@ -180,7 +180,8 @@ def sample_first_two_with_features(drafter, table, hidden, params, sampling, sam
     first: dict[int, tuple] = {}
     todo = list(range(samples))
     while todo:
-        batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling) for i in todo]
+        batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling,
+                              reqs[i].position_noise(CHI_VOCAB)) for i in todo]
         trees = drafter.propose(batch)
         results = []
         for i, tree in zip(todo, trees):

@@ -133,7 +133,7 @@ def test_truncated_draft_proposes_only_subset_tokens():
     d = LayerSkipDrafter(cfg, 0, target)
     r = Request("a", [1, 2, 3, 1, 2, 3, 9], SamplingParams(temperature=1.0, seed=0, max_tokens=8))
     sync_target_cache(target, r)
-    tree = d.propose([DraftRequest(r, 12, 3, DraftSampling.IID)])[0]
+    tree = d.propose([DraftRequest(r, 12, 3, DraftSampling.IID, r.position_noise(target.config.vocab_size))])[0]
     subset = set(d.vocab.ids().tolist())
     assert {1, 2, 3, 9} <= subset  # the prompt's tokens were counted
     assert tree.n > 1 and set(tree.tokens[1:].tolist()) <= subset
@@ -240,14 +240,15 @@ def test_depth_adapts_to_acceptance():
     sync_target_cache(target, r)
     depths = []
     for accept_all in (False, False, False, False, True, True):
-        dr = DraftRequest(r, 8, 8, DraftSampling.DETERMINISTIC)
+        dr = DraftRequest(r, 8, 8, DraftSampling.DETERMINISTIC, r.position_noise(target.config.vocab_size))
         tree = d.propose([dr])[0]
         depths.append(int(tree.depth.max()))
         path = list(range(tree.n)) if accept_all else [0]  # a chain: its nodes in order
         d.observe([dr], [tree], [VerifyResult(path, 0)])
     assert depths == [4, 3, 2, 1, 1, 3]
     steps = d.bandit.arms[0].steps
-    dr = DraftRequest(r, 0, 8, DraftSampling.DETERMINISTIC)  # no node budget this step: nothing drafted or learned
+    noise = r.position_noise(target.config.vocab_size)
+    dr = DraftRequest(r, 0, 8, DraftSampling.DETERMINISTIC, noise)  # no node budget this step: nothing drafted or learned
     tree = d.propose([dr])[0]
     d.observe([dr], [tree], [VerifyResult([0], 0)])
     assert tree.n == 1 and d.bandit.arms[0].steps == steps and d.plans["a"].depth == 4

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from treespec.config import DrafterConfig, DraftRequests, DraftSampling
+from treespec.noise import PositionNoise
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult
 
@@ -19,6 +20,7 @@ class DraftRequest:
     max_nodes: int          # draft nodes allowed (excluding the root)
     max_depth: int          # deepest draft node allowed (context length and config)
     sampling: DraftSampling  # how to pick children when the request samples (greedy requests: top-k)
+    noise: PositionNoise     # this step's noise below the root (coupled drafting draws under the target's own)
 
 
 class Drafter(Protocol):

@@ -193,9 +193,7 @@ class ModelDrafter:
         kind = DraftKind.DETERMINISTIC if one_hot else DraftKind(d.sampling.value)
         coupling = None
         if d.sampling is DraftSampling.COUPLED and r.params.temperature_only:
-            k0 = len(r.output_ids)
-            noise = lambda depth, r=r, k0=k0: r.output_noise(k0 + depth, self.vocab_size)  # noqa: E731
-            coupling = Coupling(noise, self.coupled_rate)
+            coupling = Coupling(d.noise, self.coupled_rate)
         args = (r.root_token, kind, r.generator, self.drafter_id, d.max_nodes, coupling)
         if self.cfg.expansion is not None:
             return StaticGrowth(*args, expansion=self.cfg.expansion[:depth])
@@ -249,7 +247,7 @@ class ModelDrafter:
                          hidden: torch.Tensor) -> SubsetQ:  # z: [N] logits over ids, hidden: [D]
         """A coupled node's q over the draft vocabulary plus the ids whose noise at the node's position is high
         enough to win from outside it (vocab.noise_tail): most target draws outside the subset are those."""
-        u = job.growth.coupling.noise(int(job.growth.tree.depth[node]))
+        u = job.growth.coupling.noise.gumbel_uniforms(int(job.growth.tree.depth[node]))
         tail, z_tail = self.model.noise_tail_logits(hidden, u)
         t = job.draft.request.params.temperature
         return SubsetQ(torch.softmax(torch.cat([z, z_tail]) / t, dim=-1), torch.cat([ids, tail]))

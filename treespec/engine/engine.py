@@ -19,6 +19,7 @@ from treespec.engine.request import FinishReason, Request, SpecCounters
 from treespec.engine.runner import ForwardOutput, HeadPath, ModelRunner, TreeWork, head_path, score_trees
 from treespec.engine.scheduler import Scheduler
 from treespec.errors import ConfigError
+from treespec.noise import PositionNoise
 from treespec.sampling import SamplingParams
 from treespec.tokenizer import IncrementalDetokenizer, Tokenizer
 from treespec.tree.build import merge_trees, prune_tree
@@ -95,7 +96,8 @@ class LLMEngine:
         """Advance every running request by one target forward; returns requests that emitted or finished."""
         plan = self.scheduler.schedule()
         t0 = time.perf_counter()  # decode time includes drafting: it is part of the cost of a speculative step
-        draft = self.draft(plan.decodes, plan.node_budget)
+        noise = [r.position_noise(self.model.config.vocab_size) for r in plan.decodes]  # drafts and target share it
+        draft = self.draft(plan.decodes, noise, plan.node_budget)
         try:
             out = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
@@ -104,7 +106,7 @@ class LLMEngine:
             return self._finish_step()
         for c in plan.prefills:
             c.request.metrics.prefill_time_s += time.perf_counter() - t0
-        results = self.verify(plan.decodes, draft.trees, out.trees)
+        results = self.verify(plan.decodes, draft.trees, noise, out.trees)
         self.commit(plan.decodes, draft, results)
         self.share_features(plan, out, results)
         self.emit(plan.decodes, draft.trees, results)
@@ -113,7 +115,7 @@ class LLMEngine:
         finished = self._finish_step()
         return plan.decodes + [r for r in finished if r not in plan.decodes]
 
-    def draft(self, requests: list[Request], node_budget: int) -> "DraftOutcome":
+    def draft(self, requests: list[Request], noise: list[PositionNoise], node_budget: int) -> "DraftOutcome":
         """Drafters propose trees; the cost model keeps the nodes that raise expected tokens per second.
 
         Speculation is optional: a drafter that fails leaves its requests with plain (root-only) trees.
@@ -124,7 +126,7 @@ class LLMEngine:
             return out
         t0 = time.perf_counter()
         share = max(0, (node_budget - len(requests)) // len(spec_reqs))  # draft nodes per speculating request
-        batch = [self._draft_request(requests[i], share) for i in spec_reqs]
+        batch = [self._draft_request(requests[i], noise[i], share) for i in spec_reqs]
         routes = [[k for k, b in enumerate(batch) if serves(d, b.request)] for d in self.drafters]
         try:
             proposals = [dict(zip(ks, d.propose([batch[k] for k in ks]) if ks else []))
@@ -147,25 +149,24 @@ class LLMEngine:
         out.batch, out.drafted, out.index, out.routes = batch, merged, spec_reqs, routes
         return out
 
-    def verify(self, requests: list[Request], trees: list[TokenTree], hiddens: list[torch.Tensor]) -> list[VerifyResult]:
+    def verify(self, requests: list[Request], trees: list[TokenTree], noise: list[PositionNoise],
+               hiddens: list[torch.Tensor]) -> list[VerifyResult]:
         """Score every node with the target and run each request's acceptance rule (a failure ends that request)."""
         try:
-            scores = score_trees(self.model, requests, trees, hiddens)
+            scores = score_trees(self.model, requests, trees, hiddens, noise)
         except Exception as e:  # noqa: BLE001
             for r in requests:
                 r.finish(FinishReason.ERROR, f"verification failed: {e}")
             return [VerifyResult(path=[0], bonus_token=r.root_token) for r in requests]
         results = []
-        for r, tree, s in zip(requests, trees, scores):
+        for r, tree, s, n in zip(requests, trees, scores, noise):
             try:
                 if s.argmax is not None:
                     results.append(verify_greedy(tree, s.argmax))
                 elif s.sampler is not None:
                     results.append(follow_target(tree, s.sampler))
                 else:
-                    k0 = len(r.output_ids)
-                    results.append(verify_stochastic(tree, s.probs, r.generator,
-                                                     position_uniform=lambda d, r=r, k0=k0: r.output_uniform(k0 + d)))
+                    results.append(verify_stochastic(tree, s.probs, r.generator, n))
             except Exception as e:  # noqa: BLE001
                 r.finish(FinishReason.ERROR, f"verification failed: {e}")
                 results.append(VerifyResult(path=[0], bonus_token=r.root_token))
@@ -225,12 +226,13 @@ class LLMEngine:
                 r.finish(FinishReason.ERROR, f"emit failed: {e}")
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def _draft_request(self, r: Request, max_nodes: int) -> DraftRequest:
+    def _draft_request(self, r: Request, noise: PositionNoise, max_nodes: int) -> DraftRequest:
         depth = min(self.spec.max_depth, self.max_len - len(r.all_ids) - 1,
                     r.params.max_tokens - len(r.output_ids) - 1)
         return DraftRequest(r, max_nodes=max(0, min(max_nodes, self.spec.budget or 64)),
                             max_depth=max(0, depth),
-                            sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling)
+                            sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling,
+                            noise=noise)
 
     def _size_trees(self, requests: list[Request], trees: list[TokenTree], share: int,
                     node_budget: int) -> list[TokenTree]:
