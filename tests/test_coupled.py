@@ -10,8 +10,8 @@ import pytest
 import torch
 from serving_tiny import run_to_end, tiny_engine, tiny_tokenizer
 
-from treespec.drafters import vocab
-from treespec.drafters.vocab import noise_tail
+from treespec.models import truncated_head
+from treespec.models.truncated_head import noise_tail
 from treespec.engine.request import Request
 from treespec.sampling import SamplingParams
 
@@ -82,7 +82,7 @@ def test_noise_tail_is_the_high_noise_ids_outside_the_subset():
 
 
 def _truncated_acceptance(tok, monkeypatch, tail: int) -> float:
-    monkeypatch.setattr(vocab, "NOISE_TAIL", tail)
+    monkeypatch.setattr(truncated_head, "NOISE_TAIL", tail)
     engine = tiny_engine(tok, _self_draft("none", vocab=4))
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
     run_to_end(engine, [tok.encode(PROMPT)] * 4, params)

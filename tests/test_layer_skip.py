@@ -16,17 +16,17 @@ from test_drafter_model import (CHI_PROMPT, CHI_VOCAB, StubTokenizer, build, chi
                                 sample_first_two, sync_target_cache, tiny_llama)
 from tiny_hf import hf_model, prefill, twin
 
+from treespec.attention.metadata import single
 from treespec.config import DraftSampling, DrafterConfig, EngineConfig, SpecConfig
 from treespec.drafters.base import DraftRequest
 from treespec.drafters.layer_skip import (LayerBandit, LayerSkipDrafter, LayerSkipView, auto_layer_sets,
                                           layer_sets)
 from treespec.drafters.registry import build_drafters
-from treespec.drafters.vocab import (REFRESH_TOKENS, TruncatedHead, VocabSubset, load_token_counts,
-                                     save_token_counts)
 from treespec.engine.engine import LLMEngine
-from treespec.attention.metadata import single
 from treespec.engine.request import Request
 from treespec.errors import ConfigError
+from treespec.models.truncated_head import (REFRESH_TOKENS, TruncatedHead, VocabSubset, load_token_counts,
+                                            save_token_counts)
 from treespec.sampling import SamplingParams
 from treespec.tree import DraftKind, Proposal, TokenTree
 from treespec.verify import VerifyResult
@@ -248,7 +248,7 @@ def test_depth_adapts_to_acceptance():
     assert depths == [4, 3, 2, 1, 1, 3]
     steps = d.bandit.arms[0].steps
     noise = r.position_noise(target.config.vocab_size)
-    dr = DraftRequest(r, 0, 8, DraftSampling.DETERMINISTIC, noise)  # no node budget this step: nothing drafted or learned
+    dr = DraftRequest(r, 0, 8, DraftSampling.DETERMINISTIC, noise)  # no node budget: nothing drafted or learned
     tree = d.propose([dr])[0]
     d.observe([dr], [tree], [VerifyResult([0], 0)])
     assert tree.n == 1 and d.bandit.arms[0].steps == steps and d.plans["a"].depth == 4
@@ -298,7 +298,7 @@ def test_view_equals_a_model_built_from_those_layers():
                 tensors[new + k[len(old):]] = v
     smaller = build({"config": {**spec["config"], "num_hidden_layers": 2}, "tensors": tensors})
     ids = torch.tensor([3, 1, 4, 1, 5, 9, 2])
-    got_cache = target.new_cache(16)  # the view writes the target's cache, at its layers' own indices
+    got_cache = view.new_cache(16)  # the target's layout: the view writes its layers' own indices
     got_cache.reserve(7)
     got = view(ids, torch.arange(7), single(got_cache, 7))
     want_cache, want = prefill(smaller, ids, max_len=16)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig
 from treespec.drafters.base import DraftRequest
 from treespec.drafters.model import DraftState, ModelDrafter
@@ -56,6 +57,7 @@ class LearnedDrafter(ModelDrafter):
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, net: DraftNet, vocab_size: int) -> None:
         super().__init__(cfg, drafter_id, net, vocab_size)
+        self.net = net
         self.needs_features = net.net_config.features
         self.keep_accepted = not self.needs_features
         self.logs: dict[str, FeatureLog] = {}
@@ -106,6 +108,10 @@ class LearnedDrafter(ModelDrafter):
         if rows is None:
             raise RuntimeError(f"features of positions {start}..{start + n - 1} are missing")
         return rows
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
+             features: torch.Tensor | None) -> torch.Tensor:
+        return self.net(tokens, positions, seqs, features=features)
 
     def _tree_features(self, state: DraftState, tree: TokenTree, nodes: list[int]) -> torch.Tensor | None:
         if not self.needs_features:

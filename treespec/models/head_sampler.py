@@ -76,4 +76,5 @@ class NodeSampler:
 
     def __call__(self, node: int) -> int:
         s = None if self.screen is None else self.screen[node]
-        return gumbel_sample(self.head, self.hidden[node], self.noise.gumbel_uniforms(self.depth[node]), self.temperature, s)
+        u = self.noise.gumbel_uniforms(self.depth[node])
+        return gumbel_sample(self.head, self.hidden[node], u, self.temperature, s)
