@@ -49,7 +49,7 @@ def _acceptance(tok, sampling: str) -> tuple[float, object]:
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
     run_to_end(engine, [tok.encode(PROMPT)] * 4, params)
     s = engine.stats
-    return s.num_accepted_tokens / max(1, s.num_steps), engine.drafters[0].arms[0]
+    return s.num_accepted_tokens / max(1, s.num_steps), engine.speculator.drafters[0].arms[0]
 
 
 def test_a_coupled_draft_of_the_target_is_the_target(tok):
@@ -109,9 +109,9 @@ def test_drafters_routed_by_request_kind_keep_both_outputs_exact(tok):
               SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)]
     plain = run_to_end(tiny_engine(tok), [ids] * 2, params, speculate=False)
     engine = tiny_engine(tok, spec)
-    ngram, self_draft = engine.drafters
-    seen = {d.drafter_id: set() for d in engine.drafters}
-    for d in engine.drafters:
+    ngram, self_draft = engine.speculator.drafters
+    seen = {d.drafter_id: set() for d in engine.speculator.drafters}
+    for d in engine.speculator.drafters:
         propose = d.propose
         d.propose = lambda batch, d=d, propose=propose: (
             seen[d.drafter_id].update(b.request.params.greedy for b in batch), propose(batch))[1]

@@ -62,7 +62,7 @@ def test_greedy_equals_plain(family, vocab):
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
     assert all(len(r.output_ids) == 32 for r in spec)
     assert 0 < engine.stats.num_accepted_tokens < engine.stats.num_draft_tokens  # both outcomes exercised
-    d = engine.drafters[0]
+    d = engine.speculator.drafters[0]
     assert isinstance(d, LayerSkipDrafter) and len(d.arms) >= 2
     assert sum(a.steps > 0 for a in d.bandit.arms) >= 2
     assert not d.plans and all(not a.states for a in d.arms)  # released
@@ -77,7 +77,8 @@ def test_greedy_equals_plain_merged_with_ngram():
                                               "draft_vocab_size": 32, "num_speculative_tokens": 4, "branch": 2}],
                                 "budget": 10})
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
-    assert engine.stats.num_accepted_tokens > 0 and sum(a.steps for a in engine.drafters[1].bandit.arms) > 0
+    bandit = engine.speculator.drafters[1].bandit
+    assert engine.stats.num_accepted_tokens > 0 and sum(a.steps for a in bandit.arms) > 0
 
 
 def test_only_own_nodes_are_credited():

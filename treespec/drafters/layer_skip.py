@@ -26,7 +26,7 @@ import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig, WeightQuantization
-from treespec.drafters.base import DraftRequest
+from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.drafters.model import ModelDrafter
 from treespec.errors import ConfigError
 from treespec.kv.cache import KVCache
@@ -152,7 +152,7 @@ class RequestPlan:
     counted: int = 0  # tokens of request.all_ids already counted into the vocabulary subset
 
 
-class LayerSkipDrafter:
+class LayerSkipDrafter(ConfiguredDrafter):
     """Drafter protocol over one ModelDrafter per candidate layer subset."""
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module) -> None:

@@ -53,7 +53,7 @@ class FeatureLog:
 
 
 class LearnedDrafter(ModelDrafter):
-    """Drafts with a distilled head or SSM; `needs_features` tells the engine to share the target's hidden states."""
+    """Drafts with a distilled head or SSM; a head (`needs_features`) keeps the target's hidden states it is handed."""
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, net: DraftNet, vocab_size: int) -> None:
         super().__init__(cfg, drafter_id, net, vocab_size)
@@ -69,7 +69,9 @@ class LearnedDrafter(ModelDrafter):
 
     # ---- protocol -------------------------------------------------------------------------------------------
     def observe_features(self, request, start: int, hidden: torch.Tensor) -> None:  # hidden: [n, D]
-        """The target's hidden states at positions start..start+n-1 (committed)."""
+        """The target's hidden states at positions start..start+n-1 (committed); an SSM reads tokens only."""
+        if not self.needs_features:
+            return
         log = self.logs.get(request.request_id)
         if log is None:
             if start != 0:  # joined late (a reset): the context's first rows are gone for good

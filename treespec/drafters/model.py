@@ -21,7 +21,7 @@ import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig, DraftSampling
-from treespec.drafters.base import DraftRequest
+from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.drafters.growth import BestFirstGrowth, Coupling, Growth, StaticGrowth, SubsetQ
 from treespec.errors import ConfigError, ModelLoadError
 from treespec.kv.cache import KVCache
@@ -70,7 +70,7 @@ class _Feed:
     features: torch.Tensor | None = None  # [n, D] per-row input features (drafters that read the target's)
 
 
-class ModelDrafter:
+class ModelDrafter(ConfiguredDrafter):
     """Drafts trees with a draft model (models/draft_model.py); one KV cache per request, committed along the
     accepted path.
 
