@@ -1,5 +1,5 @@
 """Coupled drafting: a draft picks its children by Gumbel-max under the very noise the target draws each output
-position with (Request.output_noise), so a draft close to the target proposes the target's own next token.
+position with (treespec.noise.PositionNoise), so a draft close to the target proposes the target's own next token.
 
 Oracles: seeded speculative sampling with coupled drafts emits exactly plain seeded sampling's tokens (the output
 is a function of the seed alone, whatever the draft); a draft that *is* the target (every layer, fp32, full
@@ -10,8 +10,8 @@ import pytest
 import torch
 from serving_tiny import run_to_end, tiny_engine, tiny_tokenizer
 
-from treespec.drafters import vocab
-from treespec.drafters.vocab import noise_tail
+from treespec.models import truncated_head
+from treespec.models.truncated_head import noise_tail
 from treespec.engine.request import Request
 from treespec.sampling import SamplingParams
 
@@ -49,7 +49,7 @@ def _acceptance(tok, sampling: str) -> tuple[float, object]:
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
     run_to_end(engine, [tok.encode(PROMPT)] * 4, params)
     s = engine.stats
-    return s.num_accepted_tokens / max(1, s.num_steps), engine.drafters[0].arms[0]
+    return s.num_accepted_tokens / max(1, s.num_steps), engine.speculator.drafters[0].arms[0]
 
 
 def test_a_coupled_draft_of_the_target_is_the_target(tok):
@@ -60,15 +60,15 @@ def test_a_coupled_draft_of_the_target_is_the_target(tok):
     assert arm.coupled_rate > 0.9
 
 
-def test_output_noise_is_kept_until_its_position_is_emitted():
+def test_position_noise_is_kept_until_its_position_is_emitted():
     r = Request("a", [1, 2, 3], SamplingParams(temperature=1.0, seed=5))
-    u = r.output_noise(2, 50)
-    assert r.output_noise(2, 50) is u
+    u = r.position_noise(50).gumbel_uniforms(2)
+    assert r.position_noise(50).gumbel_uniforms(2) is u
     r.output_ids += [7, 8, 9]
-    again = r.output_noise(3, 50)  # position 2 is emitted now: its row is dropped
-    assert 2 not in r._noise and 3 in r._noise
-    fresh = Request("b", [1], SamplingParams(temperature=1.0, seed=5))
-    assert torch.equal(fresh.output_noise(3, 50), again) and torch.equal(fresh.output_noise(2, 50), u)
+    again = r.position_noise(50).gumbel_uniforms(0)  # position 2 is emitted now: its row is dropped
+    assert 2 not in r.noise.rows and 3 in r.noise.rows
+    fresh = Request("b", [1], SamplingParams(temperature=1.0, seed=5)).position_noise(50)
+    assert torch.equal(fresh.gumbel_uniforms(3), again) and torch.equal(fresh.gumbel_uniforms(2), u)
 
 
 def test_noise_tail_is_the_high_noise_ids_outside_the_subset():
@@ -82,7 +82,7 @@ def test_noise_tail_is_the_high_noise_ids_outside_the_subset():
 
 
 def _truncated_acceptance(tok, monkeypatch, tail: int) -> float:
-    monkeypatch.setattr(vocab, "NOISE_TAIL", tail)
+    monkeypatch.setattr(truncated_head, "NOISE_TAIL", tail)
     engine = tiny_engine(tok, _self_draft("none", vocab=4))
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=24, ignore_eos=True) for s in range(4)]
     run_to_end(engine, [tok.encode(PROMPT)] * 4, params)
@@ -109,9 +109,9 @@ def test_drafters_routed_by_request_kind_keep_both_outputs_exact(tok):
               SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True)]
     plain = run_to_end(tiny_engine(tok), [ids] * 2, params, speculate=False)
     engine = tiny_engine(tok, spec)
-    ngram, self_draft = engine.drafters
-    seen = {d.drafter_id: set() for d in engine.drafters}
-    for d in engine.drafters:
+    ngram, self_draft = engine.speculator.drafters
+    seen = {d.drafter_id: set() for d in engine.speculator.drafters}
+    for d in engine.speculator.drafters:
         propose = d.propose
         d.propose = lambda batch, d=d, propose=propose: (
             seen[d.drafter_id].update(b.request.params.greedy for b in batch), propose(batch))[1]

@@ -111,7 +111,8 @@ def test_seeded_sampling_through_the_screen_is_the_same_with_ngram_speculation(l
 @torch.inference_mode()
 def test_screened_draws_equal_brute_force_on_real_hidden_states(llm: LLM) -> None:
     from treespec.attention.metadata import single
-    from treespec.models.head_sampler import exact_logits, gumbel, gumbel_sample
+    from treespec.models.head_sampler import exact_logits, gumbel_sample
+    from treespec.noise import gumbel
     model, head = llm.target, llm.target.lm_head
     ids = torch.tensor(llm.tokenizer.encode(PROMPTS[1] + PROMPTS[3]))
     cache = model.new_cache(len(ids))

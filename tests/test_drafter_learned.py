@@ -21,10 +21,12 @@ from treespec.attention.metadata import SeqAttention
 from treespec.config import DraftSampling, EngineConfig, SpecConfig
 from treespec.distill.net import TrainDraftNet
 from treespec.drafters.base import DraftRequest
+from treespec.drafters.layer_skip import LayerSkipView
 from treespec.drafters.registry import build_drafters
 from treespec.engine.engine import LLMEngine
 from treespec.engine.request import Request
 from treespec.errors import ConfigError
+from treespec.models.draft_model import DraftModel
 from treespec.models.draft_net import DraftNet, DraftNetConfig, DraftNetKind, load_drafter, save_drafter
 from treespec.sampling import SamplingParams
 from treespec.tree import DraftKind, Proposal, TokenTree
@@ -84,6 +86,18 @@ def test_runtime_net_equals_training_passes(tmp_path):
     logits = net.logits(chain)
     assert torch.isinf(logits[:, 1::2]).all()
     torch.testing.assert_close(logits[:, ids], tnet.logits(outs[0][0]), rtol=1e-3, atol=1e-3)
+
+
+def test_every_draft_model_kind_implements_the_protocol(tmp_path):
+    """ModelDrafter drives CausalLM, LayerSkipView and DraftNet through models/draft_model.py's DraftModel."""
+    target = build(tiny_llama(64, seed=0))
+    ids = torch.arange(40)
+    net = DraftNet(*load_drafter(save(train_net(target, DraftNetKind.SSM, ids), ids, tmp_path)), target)
+    views = [LayerSkipView(target, (0,)), LayerSkipView(target, (0,), net.truncated_head)]
+    for model in [target, net, *views]:
+        assert isinstance(model, DraftModel)
+    assert [m.shares_target_cache for m in [target, net, *views]] == [False, False, True, True]
+    assert [m.truncated_head is not None for m in [target, net, *views]] == [False, True, False, True]
 
 
 def run(target, spec: dict | None, prompts=PROMPTS, params=GREEDY):
@@ -184,7 +198,8 @@ def sample_first_two_with_features(drafter, table, hidden, params, sampling, sam
     first: dict[int, tuple] = {}
     todo = list(range(samples))
     while todo:
-        batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling) for i in todo]
+        batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling,
+                              reqs[i].position_noise(CHI_VOCAB)) for i in todo]
         trees = drafter.propose(batch)
         results = []
         for i, tree in zip(todo, trees):

@@ -153,7 +153,7 @@ def test_batched_trees_equal_per_tree_builders_on_fresh_prefills(family, growth,
     reqs = [request(p, dataclasses.replace(params), f"r{i}") for i, p in enumerate(prompts)]
     reqs[2].output_ids = [8, 8, 3]  # output tokens: penalties see them, the catch-up feeds them
     d = drafter(model, vocab, drafter_id=2, **GROWTHS[growth])
-    got = d.propose([DraftRequest(r, max_nodes, 8, sampling) for r in reqs])
+    got = d.propose([DraftRequest(r, max_nodes, 8, sampling, r.position_noise(vocab)) for r in reqs])
     cfg = d.cfg
     for r, tree in zip(reqs, got):
         twin_r = request(r.prompt_ids, dataclasses.replace(params), "twin")
@@ -241,7 +241,7 @@ def test_unobserved_step_is_discarded():
     model = twin(hf_model("llama", seed=1))
     d = drafter(model, model.config.vocab_size, num_speculative_tokens=3, branch=2)
     r = request([1, 2, 3, 4], GREEDY, "a")
-    dr = DraftRequest(r, 6, 3, DraftSampling.DETERMINISTIC)
+    dr = DraftRequest(r, 6, 3, DraftSampling.DETERMINISTIC, r.position_noise(model.config.vocab_size))
     first = d.propose([dr])[0]
     assert d.states["a"].cache.pending > 0
     again = d.propose([dr])[0]
@@ -257,7 +257,7 @@ def test_draft_context_length_limits_depth():
     depths = []
     for length in (10, 19, 21, 23, 24, 25, 30):
         r = request([i % 32 for i in range(length)], GREEDY, f"r{length}")
-        tree = d.propose([DraftRequest(r, 20, 4, DraftSampling.DETERMINISTIC)])[0]
+        tree = d.propose([DraftRequest(r, 20, 4, DraftSampling.DETERMINISTIC, r.position_noise(32))])[0]
         depths.append(int(tree.depth.max()))
         d.release(r)
     assert depths == [4, 3, 2, 1, 1, 0, 0]
@@ -300,7 +300,8 @@ def test_padded_draft_vocabulary_maps_onto_the_target():
     spec["tensors"]["lm_head.weight"][32:, 0] = 1e4  # the padding rows would win every argmax
     d = drafter(build(spec), 32, num_speculative_tokens=3, branch=3)
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=8)
-    tree = d.propose([DraftRequest(request([1, 2, 3], params, "a"), 12, 3, DraftSampling.IID)])[0]
+    r = request([1, 2, 3], params, "a")
+    tree = d.propose([DraftRequest(r, 12, 3, DraftSampling.IID, r.position_noise(32))])[0]
     assert tree.n > 1 and int(tree.tokens.max()) < 32
     assert all(p.q.shape == (32,) for props in tree.proposals for p in props)
 
@@ -367,7 +368,8 @@ def sample_first_two(drafters: list[ModelDrafter], table, params, sampling: Draf
             if target is not None:
                 for i in todo:
                     sync_target_cache(target, reqs[i])
-            batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling) for i in todo]
+            batch = [DraftRequest(reqs[i], 6, 1 if reqs[i].output_ids else 2, sampling,
+                                  reqs[i].position_noise(CHI_VOCAB)) for i in todo]
             proposed = [d.propose(batch) for d in drafters]
             trees = proposed[0] if len(drafters) == 1 else [merge_trees(list(ts)) for ts in zip(*proposed)]
             results = []

@@ -9,8 +9,9 @@ from test_lm_head import D, near_tie_head, needs_fbgemm, planted_states, random_
 
 from treespec.engine.request import Request
 from treespec.engine.runner import HeadPath, head_path
-from treespec.models.head_sampler import NodeSampler, exact_logits, gumbel, gumbel_sample
+from treespec.models.head_sampler import NodeSampler, exact_logits, gumbel_sample
 from treespec.models.lm_head import LMHead
+from treespec.noise import PositionNoise, RequestNoise, gumbel
 from treespec.sampling import SamplingParams
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 
@@ -110,21 +111,24 @@ def test_node_sampler_uses_each_nodes_position_noise():
     hidden = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
     seen = []
 
-    def noise(d: int) -> torch.Tensor:
-        seen.append(d)
-        return uniforms(d, v)
+    class Noise(PositionNoise):
+        def gumbel_uniforms(self, d: int) -> torch.Tensor:
+            seen.append(d)
+            return uniforms(d, v)
 
-    sampler = NodeSampler(head, hidden, torch.tensor([0, 1, 1]), noise, 1.0, None)
+    sampler = NodeSampler(head, hidden, torch.tensor([0, 1, 1]), Noise(RequestNoise(0), 0, v), 1.0, None)
     assert sampler(2) == brute_force(head, hidden[2], uniforms(1, v), 1.0)
     assert seen == [1]
 
 
-def test_output_noise_is_fixed_by_seed_and_position():
+def test_position_noise_is_fixed_by_seed_and_position():
     params = SamplingParams(temperature=1.0, seed=7)
     a, b = Request("a", [1], params), Request("b", [2, 3], params)
-    assert torch.equal(a.output_noise(5, 100), b.output_noise(5, 100))
-    assert not torch.equal(a.output_noise(5, 100), a.output_noise(6, 100))
-    assert math.isclose(a.output_uniform(5), b.output_uniform(5))
+    b.output_ids = [4, 5]
+    at_a, at_b = a.position_noise(100), b.position_noise(100)  # depth d is output position len(output_ids) + d
+    assert torch.equal(at_a.gumbel_uniforms(5), b.position_noise(100).gumbel_uniforms(3))
+    assert not torch.equal(at_a.gumbel_uniforms(5), at_a.gumbel_uniforms(6))
+    assert math.isclose(at_a.uniform(5), at_b.uniform(3))
 
 
 @pytest.mark.parametrize("params, drafts, path", [

@@ -16,17 +16,17 @@ from test_drafter_model import (CHI_PROMPT, CHI_VOCAB, StubTokenizer, build, chi
                                 sample_first_two, sync_target_cache, tiny_llama)
 from tiny_hf import hf_model, prefill, twin
 
+from treespec.attention.metadata import single
 from treespec.config import DraftSampling, DrafterConfig, EngineConfig, SpecConfig
 from treespec.drafters.base import DraftRequest
 from treespec.drafters.layer_skip import (LayerBandit, LayerSkipDrafter, LayerSkipView, auto_layer_sets,
                                           layer_sets)
 from treespec.drafters.registry import build_drafters
-from treespec.drafters.vocab import (REFRESH_TOKENS, TruncatedHead, VocabSubset, load_token_counts,
-                                     save_token_counts)
 from treespec.engine.engine import LLMEngine
-from treespec.attention.metadata import single
 from treespec.engine.request import Request
 from treespec.errors import ConfigError
+from treespec.models.truncated_head import (REFRESH_TOKENS, TruncatedHead, VocabSubset, load_token_counts,
+                                            save_token_counts)
 from treespec.sampling import SamplingParams
 from treespec.tree import DraftKind, Proposal, TokenTree
 from treespec.verify import VerifyResult
@@ -62,7 +62,7 @@ def test_greedy_equals_plain(family, vocab):
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
     assert all(len(r.output_ids) == 32 for r in spec)
     assert 0 < engine.stats.num_accepted_tokens < engine.stats.num_draft_tokens  # both outcomes exercised
-    d = engine.drafters[0]
+    d = engine.speculator.drafters[0]
     assert isinstance(d, LayerSkipDrafter) and len(d.arms) >= 2
     assert sum(a.steps > 0 for a in d.bandit.arms) >= 2
     assert not d.plans and all(not a.states for a in d.arms)  # released
@@ -77,7 +77,8 @@ def test_greedy_equals_plain_merged_with_ngram():
                                               "draft_vocab_size": 32, "num_speculative_tokens": 4, "branch": 2}],
                                 "budget": 10})
     assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
-    assert engine.stats.num_accepted_tokens > 0 and sum(a.steps for a in engine.drafters[1].bandit.arms) > 0
+    bandit = engine.speculator.drafters[1].bandit
+    assert engine.stats.num_accepted_tokens > 0 and sum(a.steps for a in bandit.arms) > 0
 
 
 def test_only_own_nodes_are_credited():
@@ -133,7 +134,7 @@ def test_truncated_draft_proposes_only_subset_tokens():
     d = LayerSkipDrafter(cfg, 0, target)
     r = Request("a", [1, 2, 3, 1, 2, 3, 9], SamplingParams(temperature=1.0, seed=0, max_tokens=8))
     sync_target_cache(target, r)
-    tree = d.propose([DraftRequest(r, 12, 3, DraftSampling.IID)])[0]
+    tree = d.propose([DraftRequest(r, 12, 3, DraftSampling.IID, r.position_noise(target.config.vocab_size))])[0]
     subset = set(d.vocab.ids().tolist())
     assert {1, 2, 3, 9} <= subset  # the prompt's tokens were counted
     assert tree.n > 1 and set(tree.tokens[1:].tolist()) <= subset
@@ -240,14 +241,15 @@ def test_depth_adapts_to_acceptance():
     sync_target_cache(target, r)
     depths = []
     for accept_all in (False, False, False, False, True, True):
-        dr = DraftRequest(r, 8, 8, DraftSampling.DETERMINISTIC)
+        dr = DraftRequest(r, 8, 8, DraftSampling.DETERMINISTIC, r.position_noise(target.config.vocab_size))
         tree = d.propose([dr])[0]
         depths.append(int(tree.depth.max()))
         path = list(range(tree.n)) if accept_all else [0]  # a chain: its nodes in order
         d.observe([dr], [tree], [VerifyResult(path, 0)])
     assert depths == [4, 3, 2, 1, 1, 3]
     steps = d.bandit.arms[0].steps
-    dr = DraftRequest(r, 0, 8, DraftSampling.DETERMINISTIC)  # no node budget this step: nothing drafted or learned
+    noise = r.position_noise(target.config.vocab_size)
+    dr = DraftRequest(r, 0, 8, DraftSampling.DETERMINISTIC, noise)  # no node budget: nothing drafted or learned
     tree = d.propose([dr])[0]
     d.observe([dr], [tree], [VerifyResult([0], 0)])
     assert tree.n == 1 and d.bandit.arms[0].steps == steps and d.plans["a"].depth == 4
@@ -297,7 +299,7 @@ def test_view_equals_a_model_built_from_those_layers():
                 tensors[new + k[len(old):]] = v
     smaller = build({"config": {**spec["config"], "num_hidden_layers": 2}, "tensors": tensors})
     ids = torch.tensor([3, 1, 4, 1, 5, 9, 2])
-    got_cache = target.new_cache(16)  # the view writes the target's cache, at its layers' own indices
+    got_cache = view.new_cache(16)  # the target's layout: the view writes its layers' own indices
     got_cache.reserve(7)
     got = view(ids, torch.arange(7), single(got_cache, 7))
     want_cache, want = prefill(smaller, ids, max_len=16)

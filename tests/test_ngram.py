@@ -32,7 +32,7 @@ class _Req:
 
 
 def _draft(drafter, req, max_nodes=16, depth=4):
-    return drafter.propose([DraftRequest(req, max_nodes, depth, DraftSampling.DETERMINISTIC)])[0]
+    return drafter.propose([DraftRequest(req, max_nodes, depth, DraftSampling.DETERMINISTIC, None)])[0]  # no noise read
 
 
 def test_trie_shares_prefixes_scores_fall_and_budget_holds():

@@ -9,7 +9,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from treespec.api import LLM
     from treespec.distill.data import DataConfig, build_dataset
     from treespec.distill.train import TrainConfig, check_resume, train_drafters
-    from treespec.drafters.vocab import save_token_counts
+    from treespec.models.truncated_head import save_token_counts
     from treespec.errors import ConfigError
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads: must be a positive integer, got {args.threads}")

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from treespec.attention.metadata import SeqAttention
-from treespec.drafters.vocab import VocabSubset
+from treespec.models.truncated_head import VocabSubset
 from treespec.errors import ConfigError
 from treespec.models.lm_head import capped
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from treespec.models.head_sampler import Noise, gumbel
+from treespec.noise import PositionNoise, gumbel
 from treespec.tree.build import draw_children, prune_tree
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 
@@ -28,10 +28,10 @@ class SubsetQ:
 @dataclass
 class Coupling:
     """Coupled drafting of a temperature-only request: children are the draft's Gumbel-max draws under the noise
-    the target itself draws that position with (`noise(d)`: uniforms below a node of depth d), so a draft close
+    the target itself draws that position with (`noise.gumbel_uniforms(d)` below a node of depth d), so a draft close
     to the target proposes the target's own next token; `rate` estimates how often that first child is accepted
     (node scores for tree sizing: q says little about it)."""
-    noise: Noise
+    noise: PositionNoise
     rate: float
 
 
@@ -82,7 +82,7 @@ class Growth:
     def _coupled_keys(self, node: int, probs: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """log q + g with g the Gumbel noise the target itself will draw this position with: the draft's own
         Gumbel-max draw under the target's noise, which is the target's draw whenever q is close to p."""
-        u = self.coupling.noise(int(self.tree.depth[node]))
+        u = self.coupling.noise.gumbel_uniforms(int(self.tree.depth[node]))
         return probs.double().log() + gumbel(u if ids is None else u[ids])
 
 

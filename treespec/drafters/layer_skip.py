@@ -14,7 +14,7 @@ Dynamic choice, from observed acceptance only:
   re-probes the subsets. Explicit `layers` always draft.
   Each request re-picks every `RECHOOSE_STEPS` steps;
 - how deep: per request, HF assisted generation's rule: +2 when the whole drafted depth was accepted, else -1.
-With `draft_vocab_size` the views share a TruncatedHead (treespec.drafters.vocab).
+With `draft_vocab_size` the views share a TruncatedHead (treespec.models.truncated_head).
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig, WeightQuantization
-from treespec.drafters.base import DraftRequest
+from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.drafters.model import ModelDrafter
-from treespec.drafters.vocab import TruncatedHead, VocabSubset, load_token_counts
 from treespec.errors import ConfigError
+from treespec.kv.cache import KVCache
 from treespec.models.lm_head import fp16_ops_available
 from treespec.models.quant import QuantLinear, quantized_copy
+from treespec.models.truncated_head import TruncatedHead, VocabSubset, load_token_counts
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult
 
@@ -40,35 +41,41 @@ UCB_EXPLORE = 0.5    # UCB1 exploration weight, relative to the best mean reward
 
 
 class LayerSkipView:
-    """The target restricted to `layers` (ascending target indices), with an optional truncated head; it drafts on
-    the target's own cache, each block writing the cache layer of its own index.
+    """The target restricted to `layers` (ascending target indices), with an optional truncated head: a draft model
+    (models/draft_model.py) that drafts on the target's own cache, each block writing the cache layer of its own
+    index.
 
     With `quantization` the view runs its own fp16 / int8 copies of those layers (a quantized self-draft: all
     layers, half or a quarter of the weight bytes, and nearly the target's own next-token distribution)."""
 
+    shares_target_cache = True
+
     def __init__(self, target: torch.nn.Module, layers: tuple[int, ...], head: TruncatedHead | None = None,
                  quantization: WeightQuantization = WeightQuantization.NONE) -> None:
-        self.target, self.layers, self.head = target, layers, head
+        self.target, self.layers, self.truncated_head = target, layers, head
         self.config = target.config
         self.blocks = [target.layers[i] if quantization is WeightQuantization.NONE
                        else quantized_copy(target.layers[i], quantization) for i in layers]
-        if head is not None:  # one-hot drafting ranks children over the subset (no 262k-wide rows)
-            self.subset_logits, self.vocab_ids = head.subset_logits, head.ids
-            self.noise_tail_logits = head.noise_tail_logits
 
     @property
     def cost(self) -> float:
         """A draft forward's cost as a fraction of a target step's: weight bytes read (decoding is memory-bound)."""
         layers = sum(_nbytes(layer) for layer in self.target.layers)
         head = self.target.lm_head
-        draft_head = head.weight.numel() * 4 if self.head is None else self.head.bytes_per_forward()
+        truncated = self.truncated_head
+        draft_head = head.weight.numel() * 4 if truncated is None else truncated.bytes_per_forward()
         return (sum(_nbytes(b) for b in self.blocks) + draft_head) / (layers + head.bytes_per_step())
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention]) -> torch.Tensor:
         return self.target(tokens, positions, seqs, blocks=self.blocks)  # tokens, positions: [T] -> [T, D]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
-        return self.target.logits(hidden) if self.head is None else self.head.logits(hidden)
+        return self.target.logits(hidden) if self.truncated_head is None else self.truncated_head.logits(hidden)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """A cache of the target's layout (the view's blocks write the target's layer indices); drafting uses the
+        target's own request cache instead (shares_target_cache)."""
+        return self.target.new_cache(max_len)
 
 
 def _nbytes(module: torch.nn.Module) -> int:
@@ -145,7 +152,7 @@ class RequestPlan:
     counted: int = 0  # tokens of request.all_ids already counted into the vocabulary subset
 
 
-class LayerSkipDrafter:
+class LayerSkipDrafter(ConfiguredDrafter):
     """Drafter protocol over one ModelDrafter per candidate layer subset."""
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module) -> None:
@@ -163,8 +170,6 @@ class LayerSkipDrafter:
                       for s in layer_sets(cfg, target.config.num_layers)]
         inner = dataclasses.replace(cfg, num_speculative_tokens=64)  # depth comes from the plan
         self.arms = [ModelDrafter(inner, drafter_id, v, vocab) for v in self.views]
-        for arm in self.arms:
-            arm.shares_target_cache = True
         self.off = len(self.arms)  # with automatic candidates, the bandit's last arm: no draft
         self.bandit = LayerBandit([v.cost for v in self.views] + ([0.0] if cfg.layers is None else []))
         self.plans: dict[str, RequestPlan] = {}

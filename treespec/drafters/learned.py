@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig
 from treespec.drafters.base import DraftRequest
 from treespec.drafters.model import DraftState, ModelDrafter
@@ -52,10 +53,11 @@ class FeatureLog:
 
 
 class LearnedDrafter(ModelDrafter):
-    """Drafts with a distilled head or SSM; `needs_features` tells the engine to share the target's hidden states."""
+    """Drafts with a distilled head or SSM; a head (`needs_features`) keeps the target's hidden states it is handed."""
 
     def __init__(self, cfg: DrafterConfig, drafter_id: int, net: DraftNet, vocab_size: int) -> None:
         super().__init__(cfg, drafter_id, net, vocab_size)
+        self.net = net
         self.needs_features = net.net_config.features
         self.keep_accepted = not self.needs_features
         self.logs: dict[str, FeatureLog] = {}
@@ -67,7 +69,9 @@ class LearnedDrafter(ModelDrafter):
 
     # ---- protocol -------------------------------------------------------------------------------------------
     def observe_features(self, request, start: int, hidden: torch.Tensor) -> None:  # hidden: [n, D]
-        """The target's hidden states at positions start..start+n-1 (committed)."""
+        """The target's hidden states at positions start..start+n-1 (committed); an SSM reads tokens only."""
+        if not self.needs_features:
+            return
         log = self.logs.get(request.request_id)
         if log is None:
             if start != 0:  # joined late (a reset): the context's first rows are gone for good
@@ -106,6 +110,10 @@ class LearnedDrafter(ModelDrafter):
         if rows is None:
             raise RuntimeError(f"features of positions {start}..{start + n - 1} are missing")
         return rows
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
+             features: torch.Tensor | None) -> torch.Tensor:
+        return self.net(tokens, positions, seqs, features=features)
 
     def _tree_features(self, state: DraftState, tree: TokenTree, nodes: list[int]) -> torch.Tensor | None:
         if not self.needs_features:

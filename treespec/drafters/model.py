@@ -21,10 +21,12 @@ import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig, DraftSampling
-from treespec.drafters.base import DraftRequest
+from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.drafters.growth import BestFirstGrowth, Coupling, Growth, StaticGrowth, SubsetQ
 from treespec.errors import ConfigError, ModelLoadError
 from treespec.kv.cache import KVCache
+from treespec.models.draft_model import DraftModel
+from treespec.models.truncated_head import TruncatedHead
 from treespec.sampling import apply_penalties, logits_to_probs
 from treespec.tree.token_tree import DraftKind, TokenTree
 from treespec.verify import VerifyResult
@@ -68,19 +70,20 @@ class _Feed:
     features: torch.Tensor | None = None  # [n, D] per-row input features (drafters that read the target's)
 
 
-class ModelDrafter:
-    """Drafts trees with a small LM; one KV cache per request, committed along the accepted path.
+class ModelDrafter(ConfiguredDrafter):
+    """Drafts trees with a draft model (models/draft_model.py); one KV cache per request, committed along the
+    accepted path.
 
     Subclasses may draft over another view of the context (`_context`), feed per-row features
-    (`_chain_features`, `_tree_features`) and re-feed accepted tokens instead of keeping them (`keep_accepted`).
-    A self-draft (`shares_target_cache`) reads the target's own cache instead of keeping one: nothing to catch up,
-    and its pending slots are dropped before the target verifies (the committed K/V are always the target's).
+    (`_chain_features`, `_tree_features`, `_run`) and re-feed accepted tokens instead of keeping them
+    (`keep_accepted`). A self-draft (the model's `shares_target_cache`) reads the target's own cache instead of
+    keeping one: nothing to catch up, and its pending slots are dropped before the target verifies (the committed
+    K/V are always the target's).
     """
 
     keep_accepted = True
-    shares_target_cache = False
 
-    def __init__(self, cfg: DrafterConfig, drafter_id: int, model: torch.nn.Module, vocab_size: int) -> None:
+    def __init__(self, cfg: DrafterConfig, drafter_id: int, model: DraftModel, vocab_size: int) -> None:
         self.cfg, self.drafter_id, self.model = cfg, drafter_id, model
         self.vocab_size = vocab_size  # the target's: q rows span the target's vocabulary
         self.max_len = model.config.max_position_embeddings
@@ -113,7 +116,7 @@ class ModelDrafter:
         for i, j in jobs.items():
             j.state.tree, j.state.coupled = j.growth.tree, j.growth.coupling is not None
             trees[i] = j.growth.result()
-            if self.shares_target_cache:
+            if self.model.shares_target_cache:
                 j.state.cache.truncate(j.state.cache.length)  # the target's tree goes right after the committed
         return trees
 
@@ -125,7 +128,7 @@ class ModelDrafter:
                 continue
             if st.coupled:
                 self._learn_coupled_rate(tree, res)
-            if self.shares_target_cache:
+            if self.model.shares_target_cache:
                 continue
             keep = list(range(st.tail + 1))
             node: int | None = 0
@@ -155,7 +158,7 @@ class ModelDrafter:
     # ---- planning -------------------------------------------------------------------------------------------
     def _state(self, request) -> DraftState:
         st = self.states.get(request.request_id)
-        if self.shares_target_cache:
+        if self.model.shares_target_cache:
             st = self.states[request.request_id] = DraftState(request.cache)
         elif st is None:
             st = self.states[request.request_id] = DraftState(self.model.new_cache(self.max_len))
@@ -193,9 +196,7 @@ class ModelDrafter:
         kind = DraftKind.DETERMINISTIC if one_hot else DraftKind(d.sampling.value)
         coupling = None
         if d.sampling is DraftSampling.COUPLED and r.params.temperature_only:
-            k0 = len(r.output_ids)
-            noise = lambda depth, r=r, k0=k0: r.output_noise(k0 + depth, self.vocab_size)  # noqa: E731
-            coupling = Coupling(noise, self.coupled_rate)
+            coupling = Coupling(d.noise, self.coupled_rate)
         args = (r.root_token, kind, r.generator, self.drafter_id, d.max_nodes, coupling)
         if self.cfg.expansion is not None:
             return StaticGrowth(*args, expansion=self.cfg.expansion[:depth])
@@ -222,10 +223,11 @@ class ModelDrafter:
         hidden = self._forward(feeds)
         starts = itertools.accumulate((len(f.tokens) for f in feeds), initial=0)
         rows = [s + i for f, s in zip(feeds, starts) for i in f.q_rows]
-        if compact := (hasattr(self.model, "subset_logits")
+        head = self.model.truncated_head
+        if compact := (head is not None
                        and all(j.growth.kind is DraftKind.DETERMINISTIC and not j.draft.request.params.has_penalties
                                for j in jobs)):
-            logits, ids = self.model.subset_logits(hidden[rows]), self.model.vocab_ids()
+            logits, ids = head.subset_logits(hidden[rows]), head.ids()
         else:
             logits = fit_vocabulary(self.model.logits(hidden[rows]), self.vocab_size)
         qs, at = [], 0
@@ -233,8 +235,8 @@ class ModelDrafter:
             n = len(j.growth.frontier)
             out = hidden[rows[at:at + n]]
             j.state.out.update(zip(j.growth.frontier, out))
-            if compact and j.growth.coupling is not None and hasattr(self.model, "noise_tail_logits"):
-                qs.append([self._with_noise_tail(j, u, z, ids, h) for u, z, h in
+            if compact and j.growth.coupling is not None:
+                qs.append([self._with_noise_tail(head, j, u, z, ids, h) for u, z, h in
                            zip(j.growth.frontier, logits[at:at + n], out)])
             elif compact:  # one-hot proposals: q only ranks the children and scores them for tree sizing
                 params = j.draft.request.params
@@ -245,12 +247,12 @@ class ModelDrafter:
             at += n
         return qs
 
-    def _with_noise_tail(self, job: _Job, node: int, z: torch.Tensor, ids: torch.Tensor,
+    def _with_noise_tail(self, head: TruncatedHead, job: _Job, node: int, z: torch.Tensor, ids: torch.Tensor,
                          hidden: torch.Tensor) -> SubsetQ:  # z: [N] logits over ids, hidden: [D]
         """A coupled node's q over the draft vocabulary plus the ids whose noise at the node's position is high
-        enough to win from outside it (vocab.noise_tail): most target draws outside the subset are those."""
-        u = job.growth.coupling.noise(int(job.growth.tree.depth[node]))
-        tail, z_tail = self.model.noise_tail_logits(hidden, u)
+        enough to win from outside it (truncated_head.noise_tail): most target draws outside the subset are those."""
+        u = job.growth.coupling.noise.gumbel_uniforms(int(job.growth.tree.depth[node]))
+        tail, z_tail = head.noise_tail_logits(hidden, u)
         t = job.draft.request.params.temperature
         return SubsetQ(torch.softmax(torch.cat([z, z_tail]) / t, dim=-1), torch.cat([ids, tail]))
 
@@ -286,11 +288,15 @@ class ModelDrafter:
             start += len(f.tokens)
         tokens = torch.tensor([t for f in feeds for t in f.tokens], dtype=torch.long)
         positions = torch.cat([f.positions for f in feeds])
-        if feeds[0].features is None:
-            return self.model(tokens, positions, seqs)
-        return self.model(tokens, positions, seqs, features=torch.cat([f.features for f in feeds]))
+        features = None if feeds[0].features is None else torch.cat([f.features for f in feeds])
+        return self._run(tokens, positions, seqs, features)
 
     # ---- hooks ----------------------------------------------------------------------------------------------
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
+             features: torch.Tensor | None) -> torch.Tensor:  # tokens, positions: [T], features: [T, D] -> [T, D]
+        """The draft forward (features: None unless `_chain_features` / `_tree_features` give some)."""
+        return self.model(tokens, positions, seqs)
+
     def _context(self, request) -> list[int]:
         """The token sequence this draft reads: the committed context and the root (its last element)."""
         return request.all_ids

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from treespec.config import DrafterConfig
-from treespec.drafters.base import DraftRequest
+from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.errors import ConfigError
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 from treespec.verify import VerifyResult
@@ -55,7 +55,7 @@ class NgramIndex:
         return found
 
 
-class NgramDrafter:
+class NgramDrafter(ConfiguredDrafter):
     def __init__(self, cfg: DrafterConfig, drafter_id: int, tokenizer=None) -> None:
         self.cfg, self.drafter_id = cfg, drafter_id
         self.own: dict[str, NgramIndex] = {}

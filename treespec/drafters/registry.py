@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from treespec.config import DrafterConfig, DrafterMethod, DraftRequests, DraftSampling, SpecConfig
-from treespec.drafters.base import Drafter
+from treespec.drafters.base import ConfiguredDrafter
 from treespec.drafters.ngram import NgramDrafter
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "drafters"  # one directory per target alias
 
 
-def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer) -> list[Drafter]:
-    drafters: list[Drafter] = []
+def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer) -> list[ConfiguredDrafter]:
+    drafters: list[ConfiguredDrafter] = []
     for i, cfg in enumerate(spec.drafters):
         if cfg.method is DrafterMethod.NGRAM:
             drafters.append(NgramDrafter(cfg, i, tokenizer))

@@ -1,41 +1,39 @@
 """The engine loop. One step = schedule, draft, verify (one target forward for every request), accept, commit, emit.
 
-Plain decoding is the same loop with trees of a single node (the root).
+Plain decoding is the same loop with trees of a single node (the root). The drafters sit behind one Speculator
+(drafters/speculator.py: routing, merging, failures, features); the engine sizes their trees (cost model).
 """
 from __future__ import annotations
 
 import itertools
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from treespec.config import DraftSampling, EngineConfig, SpecConfig
-from treespec.drafters.base import Drafter, DraftRequest, serves
+from treespec.drafters.base import ConfiguredDrafter, DraftRequest
+from treespec.drafters.speculator import Speculator
 from treespec.engine.cost_model import CostModel, allocate_nodes
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request, SpecCounters
 from treespec.engine.runner import ForwardOutput, HeadPath, ModelRunner, TreeWork, head_path, score_trees
-from treespec.engine.scheduler import Scheduler
+from treespec.engine.scheduler import Scheduler, StepPlan
 from treespec.errors import ConfigError
+from treespec.noise import PositionNoise
 from treespec.sampling import SamplingParams
 from treespec.tokenizer import IncrementalDetokenizer, Tokenizer
-from treespec.tree.build import merge_trees, prune_tree
+from treespec.tree.build import prune_tree
 from treespec.tree.token_tree import TokenTree
 from treespec.verify import VerifyResult, follow_target, verify_greedy, verify_stochastic
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
-class DraftOutcome:
-    """This step's trees (one per decoding request) and what the drafters need to observe the results."""
+class Draft:
+    """This step's trees, one per decoding request (the bare root where it does not speculate), and the draft
+    requests of those that speculate (the speculator observes their results)."""
     trees: list[TokenTree]
-    batch: list[DraftRequest] = field(default_factory=list)   # the speculating requests' draft requests
-    drafted: list[TokenTree] = field(default_factory=list)    # their trees as verified
-    index: list[int] = field(default_factory=list)            # their positions in `trees`
-    routes: list[list[int]] = field(default_factory=list)     # per drafter: the positions in `batch` it drafted
+    batch: list[DraftRequest]
 
 
 @dataclass
@@ -47,11 +45,11 @@ class StepStats(SpecCounters):
 
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, config: EngineConfig,
-                 spec: SpecConfig | None = None, drafters: list[Drafter] | None = None,
+                 spec: SpecConfig | None = None, drafters: list[ConfiguredDrafter] | None = None,
                  cost_model: CostModel | None = None) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.spec = spec or SpecConfig()
-        self.drafters = drafters or []
+        self.speculator = Speculator(drafters or [])
         self.runner = ModelRunner(model)
         self.max_len = min(config.max_model_len or model.config.max_position_embeddings,
                            model.config.max_position_embeddings)
@@ -97,8 +95,9 @@ class LLMEngine:
         """Advance every running request by one target forward; returns requests that emitted or finished."""
         plan = self.scheduler.schedule()
         t0 = time.perf_counter()  # decode time includes drafting: it is part of the cost of a speculative step
-        draft = self.draft(plan.decodes, plan.node_budget)
-        try:
+        noise = [r.position_noise(self.model.config.vocab_size) for r in plan.decodes]  # drafts and target share it
+        draft = self.draft(plan.decodes, noise, plan.node_budget)
+        try:  # verify: one target forward over every prefill chunk and tree
             out = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
             for r in plan.decodes + [c.request for c in plan.prefills]:
@@ -106,106 +105,69 @@ class LLMEngine:
             return self._finish_step()
         for c in plan.prefills:
             c.request.metrics.prefill_time_s += time.perf_counter() - t0
-        results = self.verify(plan.decodes, draft.trees, out.trees)
-        self.commit(plan.decodes, draft, results)
-        self.share_features(plan, out, results)
+        results = self.accept(plan.decodes, draft.trees, noise, out.trees)
+        self.commit(plan, draft, out, results)
         self.emit(plan.decodes, draft.trees, results)
         for r in plan.decodes:
             r.metrics.decode_time_s += time.perf_counter() - t0
         finished = self._finish_step()
         return plan.decodes + [r for r in finished if r not in plan.decodes]
 
-    def draft(self, requests: list[Request], node_budget: int) -> "DraftOutcome":
-        """Drafters propose trees; the cost model keeps the nodes that raise expected tokens per second.
-
-        Speculation is optional: a drafter that fails leaves its requests with plain (root-only) trees.
-        """
-        out = DraftOutcome([TokenTree.root(r.root_token) for r in requests])
-        spec_reqs = [i for i, r in enumerate(requests) if r.speculate and any(serves(d, r) for d in self.drafters)]
+    def draft(self, requests: list[Request], noise: list[PositionNoise], node_budget: int) -> Draft:
+        """The speculator proposes trees; the cost model keeps the nodes that raise expected tokens per second."""
+        trees = [TokenTree.root(r.root_token) for r in requests]
+        spec_reqs = [i for i, r in enumerate(requests) if self._speculates(r)]
         if not spec_reqs:
-            return out
+            return Draft(trees, [])
         t0 = time.perf_counter()
         share = max(0, (node_budget - len(requests)) // len(spec_reqs))  # draft nodes per speculating request
-        batch = [self._draft_request(requests[i], share) for i in spec_reqs]
-        routes = [[k for k, b in enumerate(batch) if serves(d, b.request)] for d in self.drafters]
-        try:
-            proposals = [dict(zip(ks, d.propose([batch[k] for k in ks]) if ks else []))
-                         for d, ks in zip(self.drafters, routes)]
-        except Exception as e:  # noqa: BLE001
-            log.warning("drafting failed, verifying plain trees this step: %s", e)
-            for r in requests:
-                for d in self.drafters:
-                    d.release(r)
-            return out
-        merged = []
-        for k in range(len(batch)):
-            trees = [p[k] for p in proposals if k in p]
-            merged.append(trees[0] if len(trees) == 1 else merge_trees(trees))
+        batch = [self._draft_request(requests[i], noise[i], share) for i in spec_reqs]
+        proposed = self.speculator.propose(batch)
         self.draft_cost_s = 0.8 * self.draft_cost_s + 0.2 * (time.perf_counter() - t0)
-        merged = self._size_trees([requests[i] for i in spec_reqs], merged, share,
-                                  node_budget - len(requests) + len(spec_reqs))
-        for i, tree in zip(spec_reqs, merged):
-            out.trees[i] = tree
-        out.batch, out.drafted, out.index, out.routes = batch, merged, spec_reqs, routes
-        return out
+        sized = self._size_trees(batch, proposed, share, node_budget - len(requests) + len(spec_reqs))
+        for i, tree in zip(spec_reqs, sized):
+            trees[i] = tree
+        return Draft(trees, batch)
 
-    def verify(self, requests: list[Request], trees: list[TokenTree], hiddens: list[torch.Tensor]) -> list[VerifyResult]:
+    def accept(self, requests: list[Request], trees: list[TokenTree], noise: list[PositionNoise],
+               hiddens: list[torch.Tensor]) -> list[VerifyResult]:
         """Score every node with the target and run each request's acceptance rule (a failure ends that request)."""
         try:
-            scores = score_trees(self.model, requests, trees, hiddens)
+            scores = score_trees(self.model, requests, trees, hiddens, noise)
         except Exception as e:  # noqa: BLE001
             for r in requests:
                 r.finish(FinishReason.ERROR, f"verification failed: {e}")
             return [VerifyResult(path=[0], bonus_token=r.root_token) for r in requests]
         results = []
-        for r, tree, s in zip(requests, trees, scores):
+        for r, tree, s, n in zip(requests, trees, scores, noise):
             try:
                 if s.argmax is not None:
                     results.append(verify_greedy(tree, s.argmax))
                 elif s.sampler is not None:
                     results.append(follow_target(tree, s.sampler))
                 else:
-                    k0 = len(r.output_ids)
-                    results.append(verify_stochastic(tree, s.probs, r.generator,
-                                                     position_uniform=lambda d, r=r, k0=k0: r.output_uniform(k0 + d)))
+                    results.append(verify_stochastic(tree, s.probs, r.generator, n))
             except Exception as e:  # noqa: BLE001
                 r.finish(FinishReason.ERROR, f"verification failed: {e}")
                 results.append(VerifyResult(path=[0], bonus_token=r.root_token))
         return results
 
-    def commit(self, requests: list[Request], draft: "DraftOutcome", results: list[VerifyResult]) -> None:
-        """Keep the accepted path's K/V (root included), drop the rest; tell the drafters."""
-        for r, res in zip(requests, results):
+    def commit(self, plan: StepPlan, draft: Draft, out: ForwardOutput, results: list[VerifyResult]) -> None:
+        """Keep the accepted path's K/V (root included), drop the rest; the drafters observe the verified trees and
+        the target's hidden states of the newly committed positions: each prefill chunk's rows and each accepted
+        path (root included; EAGLE heads read them)."""
+        for r, res in zip(plan.decodes, results):
             r.cache.commit(res.path)
         if draft.batch:
-            for d, ks in zip(self.drafters, draft.routes):
-                try:
-                    if ks:
-                        d.observe([draft.batch[k] for k in ks], [draft.drafted[k] for k in ks],
-                                  [results[draft.index[k]] for k in ks])
-                except Exception as e:  # noqa: BLE001 - drafter state is rebuilt from the request next step
-                    log.warning("drafter observe failed: %s", e)
-                    for r in requests:
-                        d.release(r)
-
-    def share_features(self, plan, out: ForwardOutput, results: list[VerifyResult]) -> None:
-        """Hand the target's hidden states of newly committed positions to drafters that read them (EAGLE heads):
-        each prefill chunk's rows and each verified tree's accepted path (root included)."""
-        readers = [d for d in self.drafters if getattr(d, "needs_features", False)]
-        if not readers:
-            return
-        shares = [(c.request, c.start, hidden) for c, hidden in zip(plan.prefills, out.prefills)]
-        # the root's position: the accepted path (root included) is committed already
-        shares += [(r, r.cache.length - len(res.path), hidden[res.path])
-                   for r, hidden, res in zip(plan.decodes, out.trees, results) if not r.finished]
-        for r, start, hidden in shares:
-            if r.speculate:
-                for d in readers:
-                    try:
-                        d.observe_features(r, start, hidden)
-                    except Exception as e:  # noqa: BLE001 - that drafter just stops drafting this request
-                        log.warning("drafter feature update failed: %s", e)
-                        d.release(r)
+            verified = {r: (tree, res) for r, tree, res in zip(plan.decodes, draft.trees, results)}
+            self.speculator.observe(draft.batch, [verified[d.request][0] for d in draft.batch],
+                                    [verified[d.request][1] for d in draft.batch])
+        for c, hidden in zip(plan.prefills, out.prefills):
+            if self._speculates(c.request):
+                self.speculator.observe_features(c.request, c.start, hidden)
+        for r, hidden, res in zip(plan.decodes, out.trees, results):
+            if self._speculates(r) and not r.finished:  # the root's position: the accepted path is committed now
+                self.speculator.observe_features(r, r.cache.length - len(res.path), hidden[res.path])
 
     def emit(self, requests: list[Request], trees: list[TokenTree], results: list[VerifyResult]) -> None:
         """Append accepted tokens + bonus, apply stop conditions, detokenize; count speculation metrics."""
@@ -227,20 +189,24 @@ class LLMEngine:
                 r.finish(FinishReason.ERROR, f"emit failed: {e}")
 
     # ---- helpers --------------------------------------------------------------------------------------------
-    def _draft_request(self, r: Request, max_nodes: int) -> DraftRequest:
+    def _speculates(self, r: Request) -> bool:
+        return r.speculate and self.speculator.serves(r)
+
+    def _draft_request(self, r: Request, noise: PositionNoise, max_nodes: int) -> DraftRequest:
         depth = min(self.spec.max_depth, self.max_len - len(r.all_ids) - 1,
                     r.params.max_tokens - len(r.output_ids) - 1)
         return DraftRequest(r, max_nodes=max(0, min(max_nodes, self.spec.budget or 64)),
                             max_depth=max(0, depth),
-                            sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling)
+                            sampling=DraftSampling.DETERMINISTIC if r.params.greedy else self.spec.draft_sampling,
+                            noise=noise)
 
-    def _size_trees(self, requests: list[Request], trees: list[TokenTree], share: int,
+    def _size_trees(self, batch: list[DraftRequest], trees: list[TokenTree], share: int,
                     node_budget: int) -> list[TokenTree]:
         """Static budget (or no cost model): each tree keeps its share; else the cost model allocates node_budget."""
         if self.spec.budget is not None or self.cost_model is None:
             return [prune_tree(t, min(self.spec.budget or share, share)) for t in trees]
         scores = [torch.sort(t.scores[1:], descending=True).values for t in trees]
-        full = any(head_path(r, t) is HeadPath.FULL for r, t in zip(requests, trees))
+        full = any(head_path(d.request, t) is HeadPath.FULL for d, t in zip(batch, trees))
         curve = self.cost_model.sampled if full else self.cost_model.greedy  # Gumbel draws cost like argmax
         counts = allocate_nodes(scores, curve, self.draft_cost_s, node_budget)
         return [prune_tree(t, k) for t, k in zip(trees, counts)]
@@ -253,5 +219,4 @@ class LLMEngine:
 
     def _release(self, r: Request) -> None:
         r.cache = None
-        for d in self.drafters:
-            d.release(r)
+        self.speculator.release(r)

@@ -1,4 +1,5 @@
-"""One generation request: its tokens, cache, sampling state and speculation counters."""
+"""One generation request: its tokens, cache, sampling state (generator, per-position noise) and speculation
+counters."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 
 from treespec.kv.cache import KVCache
+from treespec.noise import PositionNoise, RequestNoise
 from treespec.sampling import SamplingParams, make_generator
 
 
@@ -81,32 +83,16 @@ class Request:
     stop_checked: int = 0                       # chars of `text` already searched for stop strings
     num_streamed: int = 0                       # chars of `text` already handed to the caller
     detokenizer: Any = None                     # IncrementalDetokenizer, set by the engine
+    noise: RequestNoise = field(init=False, repr=False)  # seeded per-position noise (treespec.noise)
 
     def __post_init__(self) -> None:
         self.generator = make_generator(self.params.seed)
-        base = self.params.seed if self.params.seed is not None else int(torch.randint(0, 2**62, ()))
-        self._uniform_seed = base
-        self._noise: dict[int, torch.Tensor] = {}  # output position -> its Gumbel-max uniforms (shared by drafts)
+        self.noise = RequestNoise(self.params.seed if self.params.seed is not None
+                                  else int(torch.randint(0, 2**62, ())))
 
-    def output_uniform(self, k: int) -> float:
-        """The uniform that samples output token k (fixed per seed and position, whatever the tree shape)."""
-        return float(torch.rand((), generator=self._position_generator(k), dtype=torch.float64))
-
-    def output_noise(self, k: int, vocab_size: int) -> torch.Tensor:  # -> [vocab_size] float64
-        """The uniforms behind the Gumbel-max draw of output token k (fixed per seed and position, like
-        output_uniform, from a different stream). Kept until position k is emitted: coupled drafting and the
-        verification of the same step read the same rows."""
-        u = self._noise.get(k)
-        if u is None or u.shape[0] != vocab_size:
-            for old in [j for j in self._noise if j < len(self.output_ids)]:
-                del self._noise[old]
-            gen = self._position_generator(k, 0x5851F42D4C957F2D)
-            u = self._noise[k] = torch.rand(vocab_size, generator=gen, dtype=torch.float64)
-        return u
-
-    def _position_generator(self, k: int, stream: int = 0) -> torch.Generator:
-        """A generator seeded by (request seed, output position k), xor `stream` to keep draws apart."""
-        return torch.Generator().manual_seed((self._uniform_seed * 0x9E3779B1 + k) % 2**63 ^ stream)
+    def position_noise(self, vocab_size: int) -> PositionNoise:
+        """The noise below this step's root: depth d is output position len(output_ids) + d."""
+        return PositionNoise(self.noise, len(self.output_ids), vocab_size)
 
     @property
     def all_ids(self) -> list[int]:

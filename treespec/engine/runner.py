@@ -15,6 +15,7 @@ import torch
 from treespec.attention.metadata import SeqAttention
 from treespec.engine.request import Request
 from treespec.models.head_sampler import NodeSampler
+from treespec.noise import PositionNoise
 from treespec.sampling import apply_penalties, logits_to_probs
 from treespec.tree.token_tree import TokenTree
 
@@ -113,9 +114,10 @@ def head_path(request: Request, tree: TokenTree) -> HeadPath:
 
 
 def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[TokenTree],
-                hiddens: list[torch.Tensor]) -> list[TargetScores]:
+                hiddens: list[torch.Tensor], noise: list[PositionNoise]) -> list[TargetScores]:
     """Run the head once for the whole batch: one fp16 screen GEMM for every ARGMAX and GUMBEL row, full fp32
-    logits (then penalties and the sampling transforms) for the FULL ones."""
+    logits (then penalties and the sampling transforms) for the FULL ones. noise: each request's (GUMBEL rows
+    draw with it)."""
     paths = [head_path(r, t) for r, t in zip(requests, trees)]
     out = [TargetScores() for _ in requests]
     head = model.lm_head
@@ -133,9 +135,8 @@ def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[Tok
                 out[fast[k]].argmax = a
         for k, i in enumerate(fast):
             if paths[i] is HeadPath.GUMBEL:
-                r, k0 = requests[i], len(requests[i].output_ids)
-                noise = lambda d, r=r, k0=k0: r.output_noise(k0 + d, head.vocab_size)  # noqa: E731
-                out[i].sampler = NodeSampler(head, hiddens[i], trees[i].depth, noise, r.params.temperature, rows[k])
+                out[i].sampler = NodeSampler(head, hiddens[i], trees[i].depth, noise[i],
+                                             requests[i].params.temperature, rows[k])
     full = [i for i, p in enumerate(paths) if p is HeadPath.FULL]
     if full:
         all_logits = model.logits(torch.cat([hiddens[i] for i in full]))

@@ -17,6 +17,7 @@ from treespec.kv.cache import KVCache
 from treespec.models.config import ModelConfig
 from treespec.models.layers import Embedding, ForwardBatch, HFLoadable, RMSNorm, RotaryTable
 from treespec.models.lm_head import LMHead
+from treespec.models.truncated_head import TruncatedHead
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
 _LIST_AT_MOST = 6
@@ -24,9 +25,13 @@ _LIST_AT_MOST = 6
 
 class CausalLM(HFLoadable):
     """Decoder-only LM over HF weights. Subclasses set `block`: (config, layer index, attention fn) -> module
-    with forward(x [T, D], batch: ForwardBatch) -> [T, D]."""
+    with forward(x [T, D], batch: ForwardBatch) -> [T, D].
+
+    As a draft model (models/draft_model.py) it keeps its own cache and drafts over its full head."""
 
     block: type[torch.nn.Module]
+    shares_target_cache = False
+    truncated_head: TruncatedHead | None = None
 
     def __init__(self, config: ModelConfig, attention: AttentionBackend | None = None) -> None:
         super().__init__()

@@ -28,6 +28,7 @@ from treespec.models.config import ModelConfig, RopeConfig
 from treespec.models.layers import ForwardBatch, RotaryTable, pack_linears, rms_norm
 from treespec.models.llama import LLAMA, LlamaBlock
 from treespec.models.matmul import few_rows_linear
+from treespec.models.truncated_head import TruncatedHead, VocabSubset
 
 WEIGHTS_FILE, CONFIG_FILE = "drafter.safetensors", "config.json"
 
@@ -150,13 +151,15 @@ def load_drafter(path: str | Path) -> tuple[DraftNetConfig, dict[str, torch.Tens
 class DraftNet(torch.nn.Module):
     """The inference network: the target's blocks (fused projections, tree masks, KV caches) over loaded weights.
 
-    `logits` gives full-vocabulary rows (-inf outside the draft vocabulary), as every drafter's q must.
+    `logits` gives full-vocabulary rows (-inf outside the draft vocabulary), as every drafter's q must. A draft
+    model (models/draft_model.py) with its own cache and a truncated head over its vocabulary.
     """
+
+    shares_target_cache = False
 
     def __init__(self, cfg: DraftNetConfig, tensors: dict[str, torch.Tensor], vocab_ids: torch.Tensor,
                  target: torch.nn.Module) -> None:
         super().__init__()
-        from treespec.drafters.vocab import TruncatedHead, VocabSubset
         if cfg.hidden_size != target.config.hidden_size or cfg.target_vocab_size != target.config.vocab_size:
             raise ConfigError(f"model: the drafter was trained for hidden size {cfg.hidden_size} / vocabulary "
                               f"{cfg.target_vocab_size}, the target has {target.config.hidden_size} / "
@@ -169,7 +172,7 @@ class DraftNet(torch.nn.Module):
         self.feature_norm = tensors.get("feature_norm.weight")
         self.rope = RotaryTable(self.config.rope, cfg.head_dim)
         self.embed = target.embed_tokens
-        self.head = TruncatedHead(target.lm_head, VocabSubset.fixed(cfg.target_vocab_size, vocab_ids))
+        self.truncated_head = TruncatedHead(target.lm_head, VocabSubset.fixed(cfg.target_vocab_size, vocab_ids))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
                 features: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,16 +189,7 @@ class DraftNet(torch.nn.Module):
         return rms_norm(h, self.norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
-        return self.head.logits(hidden)
-
-    def subset_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, N] over vocab_ids()
-        return self.head.subset_logits(hidden)
-
-    def vocab_ids(self) -> torch.Tensor:  # -> [N] the draft vocabulary (target ids, ascending)
-        return self.head.ids()
-
-    def noise_tail_logits(self, hidden: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.noise_tail_logits(hidden, u)  # coupled drafting's extra rows (drafters/vocab.py)
+        return self.truncated_head.logits(hidden)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config

@@ -12,24 +12,16 @@ g is increasing in u, so block maxima of s and of u rule out whole blocks of tok
 rescored in float64. Small vocabularies compute every x_v in float64 (the same draw for the same u); a row with
 too many survivors falls back to the fp32 logits.
 
-The uniforms of output position k come from the request's seed and k alone (Request.output_noise), so a seeded
+The uniforms of output position k come from the request's seed and k alone (treespec.noise), so a seeded
 request draws the same token at a position whether the row came from plain decoding or from a tree node: with
 one-hot drafts (n-gram, top-k) speculative sampling emits exactly what plain sampling emits.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from treespec.models.lm_head import _BLOCK, MAX_RESCORE, LMHead, block_maxima, capped
-
-Noise = Callable[[int], torch.Tensor]  # depth d of a tree node -> uniforms [V] float64 of that output position
-
-
-def gumbel(u: torch.Tensor) -> torch.Tensor:  # u: any shape, float64 in [0, 1) -> Gumbel(0, 1) noise
-    return -torch.log(-torch.log(u))
-
+from treespec.noise import PositionNoise, gumbel
 
 def exact_logits(head: LMHead, h: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:  # h: [D]
     """cap(w_v . h) in float64 for the ids given (default: all): the logits the draws are exact about."""
@@ -77,11 +69,12 @@ def _block_ids(blocks: torch.Tensor, v: int) -> torch.Tensor:  # blocks: [B] -> 
 class NodeSampler:
     """The target's draw at each node of one request's tree (called along the walk, so only visited nodes pay)."""
 
-    def __init__(self, head: LMHead, hidden: torch.Tensor, depth: torch.Tensor, noise: Noise,
+    def __init__(self, head: LMHead, hidden: torch.Tensor, depth: torch.Tensor, noise: PositionNoise,
                  temperature: float, screen: torch.Tensor | None) -> None:  # hidden: [n, D], screen: [n, V]
         self.head, self.hidden, self.depth, self.noise = head, hidden, depth.tolist(), noise
         self.temperature, self.screen = temperature, screen
 
     def __call__(self, node: int) -> int:
         s = None if self.screen is None else self.screen[node]
-        return gumbel_sample(self.head, self.hidden[node], self.noise(self.depth[node]), self.temperature, s)
+        u = self.noise.gumbel_uniforms(self.depth[node])
+        return gumbel_sample(self.head, self.hidden[node], u, self.temperature, s)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from treespec.noise import gumbel
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 
 StepFn = Callable[[TokenTree, list[int]], torch.Tensor]
@@ -29,7 +30,7 @@ def draw_children(q: torch.Tensor, k: int, kind: DraftKind, generator: torch.Gen
     if kind is DraftKind.DETERMINISTIC:
         return torch.topk(q, k).indices.tolist()
     u = torch.rand(q.shape, generator=generator, dtype=torch.float64).clamp_min(1e-300)
-    keys = q.double().log() - (-u.log()).log()
+    keys = q.double().log() + gumbel(u)
     return torch.topk(keys, k).indices.tolist()
 
 

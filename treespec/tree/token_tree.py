@@ -39,6 +39,11 @@ class Proposal:
     q: torch.Tensor | None      # [V] processed draft distribution at the parent; None only for DETERMINISTIC
     order: int = 0              # position among all proposals at the parent; set by TokenTree.add_child
 
+    @property
+    def one_hot(self) -> bool:
+        """Whether q is one-hot on the token (chosen, not sampled): acceptance then needs only p, not q."""
+        return self.kind is DraftKind.DETERMINISTIC or self.q is None
+
 
 class Stage(NamedTuple):
     """One acceptance test at a node: a proposal, its token and the child it leads to (None if pruned)."""
@@ -110,7 +115,7 @@ class TokenTree:
         """Whether every proposal (kept or dropped) is one-hot, so that verification only needs the target's
         own draw at each visited node (verify/greedy.py's walk) instead of its full distributions."""
         props = [p for ps in self.proposals for p in ps] + [p for ds in self.dropped for _, p in ds]
-        return all(p.kind is DraftKind.DETERMINISTIC or p.q is None for p in props)
+        return all(p.one_hot for p in props)
 
     # ---- building -----------------------------------------------------------------------------------------
     def add_child(self, parent: int, token: int, proposal: Proposal, score: float | None = None) -> int:

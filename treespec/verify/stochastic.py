@@ -13,18 +13,17 @@ If every stage is rejected, or u is a leaf, the bonus token is drawn from cur wi
 
 Nodes whose stages are all DETERMINISTIC (n-gram drafts, top-k children, leaves, plain decoding) may instead
 use the equivalent "naive sampling" form: draw y ~ p(.|u) by inverse CDF and descend into the child with
-token y if there is one, else emit y. With `position_uniform` the uniform for the token at output position k
-is fixed in advance, so a seeded request emits exactly what plain seeded sampling would, whatever the tree.
+token y if there is one, else emit y. With `noise` (treespec.noise) the uniform for the token at output
+position k is fixed in advance, so a seeded request emits exactly what plain seeded sampling would, whatever the tree.
 Each stage is one-draft speculative sampling of cur, so by induction the emitted tokens follow p exactly,
 provided every proposal was drawn from its q independently of the earlier ones and the order was fixed
 before drawing. A residual with zero mass (rounding when cur == q) falls back to p(.|u).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
+from treespec.noise import PositionNoise
 from treespec.tree.token_tree import DraftKind, Stage, TokenTree
 from treespec.verify.result import VerifyResult
 
@@ -40,7 +39,7 @@ class NodeRule:
     def draft_q(self, stage: Stage) -> torch.Tensor | None:
         """The q this stage's token was drawn from; None means one-hot on the token."""
         prop = stage.proposal
-        if prop.kind is DraftKind.DETERMINISTIC or prop.q is None:
+        if prop.one_hot:
             return None
         if prop.kind is DraftKind.WITHOUT_REPLACEMENT:
             return self.swor_q.setdefault(prop.drafter, prop.q)
@@ -70,17 +69,17 @@ class NodeRule:
 
 
 def verify_stochastic(tree: TokenTree, p: torch.Tensor, generator: torch.Generator | None = None,
-                      position_uniform: Callable[[int], float] | None = None) -> VerifyResult:
+                      noise: PositionNoise | None = None) -> VerifyResult:
     """p: [n, V] processed target probabilities at every node. Emits exactly the target's distribution.
 
-    position_uniform(d): the uniform for the token emitted after a node at depth d (see module doc).
+    noise.uniform(d): the uniform for the token emitted after a node at depth d (see module doc).
     """
     path = [0]
     while True:
         u = path[-1]
         stages = tree.stages(u)
-        if position_uniform is not None and all(_one_hot(s) for s in stages):
-            y = sample_inverse_cdf(p[u], position_uniform(int(tree.depth[u])))
+        if noise is not None and all(s.proposal.one_hot for s in stages):
+            y = sample_inverse_cdf(p[u], noise.uniform(int(tree.depth[u])))
             child = next((s.child for s in stages if s.token == y), None)
             if child is None:
                 return VerifyResult(path, y)
@@ -96,10 +95,6 @@ def verify_stochastic(tree: TokenTree, p: torch.Tensor, generator: torch.Generat
             rule.reject(stage)
         else:
             return VerifyResult(path, sample_inverse_cdf(rule.cur, _uniform(generator)))
-
-
-def _one_hot(stage: Stage) -> bool:
-    return stage.proposal.kind is DraftKind.DETERMINISTIC or stage.proposal.q is None
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: float) -> int:
