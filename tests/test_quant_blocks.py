@@ -15,6 +15,7 @@ from tiny_hf import decode, prefill
 from treespec.kernels import block_mm as kernel
 from treespec.kernels.block_layout import concat_rows, dequantize_packed, map_rows, pack
 from treespec.models import build_model
+from treespec.models import quant_blocks
 from treespec.models.quant_blocks import BlockQuantLinear, use_blocks
 from treespec.weights.gguf_blocks import load_gguf_blocks
 from treespec.weights.gguf_file import read_gguf
@@ -84,6 +85,21 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(qtype: Q) -> None:
         assert torch.equal(kernel.block_mm(x[lo:hi], w), together[lo:hi])
 
 
+@needs_kernel
+def test_thread_count_does_not_change_the_result() -> None:
+    """Threads split the output rows only, so every output keeps its one accumulation chain."""
+    w = pack(random_blocks(Q.Q6_K, 301, 512), Q.Q6_K, (301, 512))
+    x = torch.randn(7, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = kernel.block_mm(x, w)
+        torch.set_num_threads(2)
+        assert torch.equal(kernel.block_mm(x, w), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fallback_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     w = pack(random_blocks(Q.Q4_K, 9, 256), Q.Q4_K, (9, 256))
     x = torch.randn(3, 256)
@@ -101,6 +117,17 @@ def test_concat_and_row_maps_keep_the_weights() -> None:
     assert torch.equal(dequantize_packed(fused), expect)
     flipped = map_rows(fused, lambda t: t.flip(0))
     assert torch.equal(dequantize_packed(flipped), expect.flip(0))
+
+
+def test_without_the_kernel_the_model_keeps_its_fp32_linears(monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "llama.gguf"
+    write_model(path, "llama", qtypes=(Q.Q8_0,))
+    ckpt = load_checkpoint(str(path))
+    model = build_model(ckpt.config, ckpt.tensors)
+    monkeypatch.setattr(quant_blocks, "compiled", lambda: None)
+    assert use_blocks(model, load_gguf_blocks(read_gguf(path), ckpt.config)) == 0
+    assert not any(isinstance(m, BlockQuantLinear) for m in model.modules())
 
 
 @needs_kernel
