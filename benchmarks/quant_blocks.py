@@ -7,8 +7,10 @@ q/k/v/o/gate/up/down in their file types, or the model's fused qkv/gate_up with 
     linear  treespec's Linear today (mm for 1-2 rows, oneDNN's pre-packed product for 3+; body only)
 
 Prints median ms over --repeats rounds and, per row count, the spread of the per-round ratio mm / block.
+On a shared machine run it with OMP_WAIT_POLICY=passive: spinning OpenMP workers fighting other processes
+otherwise swing the body's 126 short parallel products by 10x either way.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/quant_blocks.py [--rows 1 4 16 64] [--repeats 7] [--fused] [--no-head] [--threads N]
+    OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/quant_blocks.py [--rows 1 4 16 64] [--repeats 7] [--fused] [--no-head] [--threads N]
 """
 from __future__ import annotations
 

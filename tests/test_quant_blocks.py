@@ -100,6 +100,21 @@ def test_thread_count_does_not_change_the_result() -> None:
         torch.set_num_threads(threads)
 
 
+def test_a_failed_build_means_no_kernel(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'treespec_block_mm'\nc++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    kernel.compiled.cache_clear()
+    try:
+        assert kernel.compiled() is None
+    finally:
+        kernel.compiled.cache_clear()
+    assert "dequantized fp32" in caplog.text
+
+
 def test_fallback_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     w = pack(random_blocks(Q.Q4_K, 9, 256), Q.Q4_K, (9, 256))
     x = torch.randn(3, 256)
