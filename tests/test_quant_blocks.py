@@ -155,15 +155,20 @@ def test_block_linear_adds_its_bias_like_a_linear() -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+@pytest.mark.parametrize(("arch", "qtypes"), [
+    ("gemma3", (Q.Q8_0, Q.Q5_0)), ("llama", (Q.Q8_0, Q.Q5_0)),
+    ("llama", (Q.Q5_0, Q.F32, Q.Q8_0)),  # F32 weights stay dequantized Linears, with their fused partners
+], ids=["gemma3", "llama", "llama-mixed"])
 @torch.inference_mode()
-def test_tiny_gguf_from_blocks_greedy_equals_dequantized(arch: str, tmp_path: Path) -> None:
+def test_tiny_gguf_from_blocks_greedy_equals_dequantized(arch: str, qtypes: tuple[Q, ...], tmp_path: Path) -> None:
     path = tmp_path / f"{arch}.gguf"
-    write_model(path, arch, qtypes=(Q.Q8_0, Q.Q5_0))
+    write_model(path, arch, qtypes=qtypes)
     ckpt = load_checkpoint(str(path))
     plain = build_model(ckpt.config, ckpt.tensors)
     blocks = build_model(ckpt.config, ckpt.tensors)
-    assert use_blocks(blocks, load_gguf_blocks(read_gguf(path), ckpt.config)) == 4 * ckpt.config["num_hidden_layers"]
+    swapped = use_blocks(blocks, load_gguf_blocks(read_gguf(path), ckpt.config))
+    projections = 4 * ckpt.config["num_hidden_layers"]
+    assert 0 < swapped < projections if Q.F32 in qtypes else swapped == projections
     prompt = torch.randint(0, ckpt.config["vocab_size"], (12,), generator=torch.Generator().manual_seed(0))
     outs, logits = [], []
     for model in (plain, blocks):
