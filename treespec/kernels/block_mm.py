@@ -8,10 +8,12 @@ best of 30 (us):
     numba, 32-lane accumulator 110   2200   7300    (the same layout; its few-row loop re-reads x per row)
     torch fp32 mm (dequantized) 100    297    556
 
-Over the default GGUF's body (126 matrices, 117 MB as blocks vs 401 MB fp32; benchmarks/quant_blocks.py,
-2 threads, OMP_WAIT_POLICY=passive, machine shared at load ~6-7) the block product ran 1.4-1.9x faster than
-fp32 mm at 1-4 rows, 1.3-1.5x at 16 and 1.2x at 64, where oneDNN's pre-packed fp32 product (today's Linear)
-is still ~10% faster; the head (Q8_0, 262144 x 640) ~2x at 1 and 16 rows, 1.2-1.3x at 4 and 64.
+Over the default GGUF's body (72 fused matrices, 117 MB as blocks vs 401 MB fp32; benchmarks/quant_blocks.py
+--fused, 2 threads, OMP_WAIT_POLICY=passive, machine shared at load ~3), ms per step, block / fp32 mm / today's
+Linear: 1 row 9.3 / 30.0 / 28.3, 4 rows 14.5 / 43.2 / 24.9, 16 rows 52.8 / 75.1 / 42.7, 64 rows 149 / 169 / 128.
+Software prefetch made 1 and 4 rows 2.0x and 1.5x faster (18.5 and 22.0 ms before): without it a thread read
+the interleaved weight rows at ~5 GB/s. From 16 rows the product is compute-bound and oneDNN's pre-packed
+fp32 Linear is still ~20% faster.
 
 The kernel is built on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja) and cached
 by torch; where it cannot be built or run (no compiler, no AVX2) `compiled()` is None, `block_mm` computes
@@ -31,7 +33,7 @@ from treespec.kernels.block_layout import PackedBlocks, dequantize_packed
 
 _SOURCE = Path(__file__).with_name("block_mm.cpp")
 # -ffp-contract=off keeps `scale * q - min` two roundings, as the reference rounds it
-_CFLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _NO_MIN = torch.empty(0)
 log = logging.getLogger(__name__)
 
@@ -43,14 +45,21 @@ def compiled() -> ModuleType | None:
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         log.warning("block kernel needs an x86 CPU with AVX2; quantized weights stay dequantized fp32")
         return None
-    log.info("loading the block kernel (compiled once per machine and torch version: about a minute)")
+    return build(_SOURCE)
+
+
+def build(source: Path) -> ModuleType | None:
+    """Compile (once per machine and torch version, cached by torch) and load one kernel source; None, logged,
+    where that fails. Callers check for AVX2 first (compiled())."""
+    name = f"treespec_{source.stem}"
+    log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
     try:
         from torch.utils import cpp_extension
-        return cpp_extension.load(name="treespec_block_mm", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_CFLAGS,
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)
-        log.warning("block kernel unavailable (%s); quantized weights stay dequantized fp32", first)
+        log.warning("%s unavailable (%s); quantized weights stay dequantized fp32", name, first)
         return None
 
 
