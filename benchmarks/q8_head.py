@@ -53,8 +53,9 @@ def main() -> None:
     dense = dequantize_packed(blocks)
     lm = LMHead(dense)
     lm.prepare()
+    mb = dense.numel() / 1e6
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; head {tuple(dense.shape)}: "
-          f"q8 {q8.nbytes / 1e6:.0f} MB, fp16 screen {dense.numel() * 2 / 1e6:.0f} MB, fp32 {dense.numel() * 4 / 1e6:.0f} MB")
+          f"q8 {q8.nbytes / 1e6:.0f} MB, fp16 screen {2 * mb:.0f} MB, fp32 {4 * mb:.0f} MB")
     methods = {"lmhead": lambda h: lm.argmax(h), "q8": lambda h: q8.argmax(h).ids,
                "q8-logits": lambda h: q8.logits(h).argmax(-1), "mm": lambda h: torch.mm(dense, h.t()).argmax(0)}
     print("| rows | " + " | ".join(methods) + " | lmhead/q8 median (min-max) | q8 certain |")

@@ -81,7 +81,8 @@ def test_speculative_greedy_equals_plain_greedy_in_every_weight_mode(mode: str, 
     vocab = ckpt.config["vocab_size"]
     draft = perturbed({"config": ckpt.config, "tensors": ckpt.tensors}, 0.3, seed=1)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(8, vocab, (n,), generator=g).tolist() for n in (9, 30, 5, 17, 40, 2)] + [[300, 301, 302] * 5]
+    prompts = [torch.randint(8, vocab, (n,), generator=g).tolist() for n in (9, 30, 5, 17, 40, 2)]
+    prompts.append([300, 301, 302] * 5)
     plain = generate(target, draft, vocab, None, prompts)
     assert all(len(p) == MAX_TOKENS for p in plain)
     assert generate(target, draft, vocab, {"drafters": [NGRAM, TREE]}, prompts) == plain

@@ -68,7 +68,8 @@ struct Head {
     const char* codes = reinterpret_cast<const char*>(q + n * K) + g * nr * kGroup;
     for (int line = 0; line < nr * kGroup; line += 64) prefetch(codes + line);
     if (g == 0)
-      for (int line = 0; line < nr * (K / kGroup) * 2; line += 64) prefetch(reinterpret_cast<const char*>(d + n * (K / kGroup)) + line);
+      for (int line = 0; line < nr * (K / kGroup) * 2; line += 64)
+        prefetch(reinterpret_cast<const char*>(d + n * (K / kGroup)) + line);
   }
   // GCC drops _mm_prefetch / __builtin_prefetch here at -O1 and above (seen in the assembly); asm keeps it
   static void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
@@ -184,7 +185,8 @@ torch::Tensor q8_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
   auto y = torch::empty({h.T, h.N}, x.options());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) h.slice(slice_start(s, h.N), slice_start(s + 1, h.N), yp, nullptr, nullptr, 0);
+    for (int64_t s = begin; s < end; ++s)
+      h.slice(slice_start(s, h.N), slice_start(s + 1, h.N), yp, nullptr, nullptr, 0);
   });
   return y;
 }
