@@ -14,11 +14,12 @@ Two notions of "the" argmax (lowest id on ties in both):
   a caller that must agree with one particular product recomputes the other rows with it.
 
 Measured on the default GGUF's head (benchmarks/q8_head.py, 2 threads, OMP_WAIT_POLICY=passive, shared machine,
-ms median of 7 interleaved rounds): rows 1 / 4 / 16 / 64: this argmax 10.0 / 15.7 / 64 / 254, LMHead.argmax
-15.2 / 15.6 / 51 / 263, fp32 mm + argmax 54 / 33 / 98 / 466. One row is memory-bound (~17 GB/s); from 4 rows
-the fp32 arithmetic bounds it (16 x 168M multiply-adds), where fbgemm's fp16 GEMM is the better-tuned loop.
-The fused top-k measured the same as writing the logits and taking argmax (1 thread: 10.5 vs 10.2 ms at 1 row,
-92 vs 90 at 16); it keeps 64 rows from writing 67 MB of logits.
+ms, median of interleaved rounds, two runs): rows 1 / 4 / 16 / 64: this argmax 10.0-11.2 / 15.7-22.5 / 64-84 / 254,
+LMHead.argmax 14.2-15.2 / 15.6-19.1 / 51-62 / 263, fp32 mm + argmax 54 / 33-47 / 98-168 / 466. One row is
+memory-bound (~17 GB/s, 1.25-1.5x faster than LMHead); from 4 rows fp32 multiply-adds bound it (4 rows: ~1.4 FMA
+per cycle on one core; applying the scale once per block instead of per weight measured no faster), and fbgemm's
+fp16 GEMM is 10-25% faster there. The fused top-k measured the same as writing the logits and taking argmax
+(1 thread: 10.5 vs 10.2 ms at 1 row, 92 vs 90 at 16); it keeps 64 rows from writing 67 MB of logits.
 
 Bound: for any order of an fp32 D-term dot product, |fl(w.h) - w.h| <= gamma_D sum|w_j h_j| <= gamma_D |w| |h|
 (Higham), so two fp32 products of the same weights differ by at most E = 2 gamma_D max_v |w_v| |h|, and every
