@@ -9,7 +9,7 @@ from treespec.models.quant import QuantLinear, WeightQuant, quantize_int8_rows, 
 pytestmark = pytest.mark.skipif(not fp16_ops_available(), reason="fbgemm ops not in this torch build")
 
 # relative Frobenius error vs fp32 on Gaussian data, measured ~2e-4 (fp16 weight rounding) and ~1.5e-2 (int8
-# weights and 7-bit per-tensor activations)
+# weights and 7-bit per-row activations)
 TOLERANCE = {WeightQuant.FP16: 5e-4, WeightQuant.INT8: 3e-2}
 
 
@@ -44,6 +44,48 @@ def test_quant_linear_close_to_fp32(kind, t):
     got = q(x)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert 0 < rel_err(got, want) < TOLERANCE[kind]
+
+
+@pytest.mark.parametrize("kind", [WeightQuant.FP16, WeightQuant.INT8])
+def test_a_rows_result_does_not_depend_on_the_other_rows(kind):
+    """Lossless speculation: a tree's rows go through one call; row 5 is an outlier (50x) that a per-call int8
+    activation scale would spread to every other row."""
+    torch.manual_seed(4)
+    q = QuantLinear(nn.Linear(640, 384), kind)
+    x = torch.randn(64, 640)
+    x[5] *= 50.0
+    together = q(x)
+    for t in range(64):
+        assert torch.equal(q(x[t:t + 1])[0], together[t])
+    for lo, hi in ((0, 2), (0, 5), (3, 17), (6, 64)):
+        assert torch.equal(q(x[lo:hi]), together[lo:hi])
+
+
+def test_int8_rows_keep_their_own_accuracy_next_to_an_outlier():
+    torch.manual_seed(5)
+    lin = nn.Linear(256, 128)
+    x = torch.randn(8, 256)
+    x[0] *= 1000.0
+    with torch.no_grad():
+        want = lin(x)
+    got = QuantLinear(lin, WeightQuant.INT8)(x)
+    for t in range(8):
+        assert rel_err(got[t], want[t]) < TOLERANCE[WeightQuant.INT8]
+
+
+@pytest.mark.parametrize("k", [1, 7, 640, 2051])
+def test_row_scale_matches_its_twin(k):
+    from treespec.kernels.row_scale import normalize_rows, reference_normalize_rows
+    x = torch.randn(5, k) * torch.tensor([1.0, 1e-3, 0.0, 1e4, -2.0])[:, None]
+    got, want = normalize_rows(x, 1e-30), reference_normalize_rows(x, 1e-30)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].abs().amax(dim=1)[[0, 1, 3, 4]].eq(1.0).all()
+
+
+def test_int8_zero_rows_give_the_bias():
+    lin = nn.Linear(32, 16)
+    got = QuantLinear(lin, WeightQuant.INT8)(torch.zeros(3, 32))
+    assert torch.equal(got, lin.bias.detach().expand(3, 16))
 
 
 def test_fp16_error_is_the_weight_rounding_alone():

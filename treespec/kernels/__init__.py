@@ -1,0 +1,1 @@
+"""Compute kernels over the GGUF's quantized blocks, each with a pure-torch twin the tests compare it to."""

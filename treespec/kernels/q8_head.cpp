@@ -1,0 +1,223 @@
+// The tied Q8_0 head: logits[t, n] = sum_k x[t, k] * (d[n, k / 32] * q[n, k]), fp32, with d kept as fp16.
+//
+// Exactness: d (fp16, 11 significant bits) times q (int8, 8 bits) is exact in fp32, so the weights are the
+// dequantized ones bit for bit, and every (t, n) is the same 8-lane FMA chain over k in order plus the same
+// fixed lane sum as block_mm.cpp (its logits equal block_mm's bit for bit). The chain never depends on the row
+// count, the tile or the thread, so a row's logits and argmax never depend on the other rows of the call.
+//
+// Speed: the head streams once per call as 1 byte per weight plus 2 bytes per 32 (34 bytes per 32 weights, as
+// in the file), and `topk` keeps each row's K best (value, id) while it goes instead of writing 262144 logits
+// per row: one insertion test per logit, and only the first of equal values is kept, so a row's first entry is
+// the argmax with the lowest id on ties. The vocabulary is cut into a fixed number of slices (not one per
+// thread), each with its own top-K, merged in slice order: the answer is the same with any thread count.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int kGroup = 32;
+constexpr int kTileRows = 4;        // weight rows dequantized together
+constexpr int kDirectMaxRows = 12;  // as block_mm.cpp: up to here re-dequantize per 4 rows, beyond use a buffer
+constexpr int64_t kSlices = 256;    // vocabulary slices, each with its own top-K (fixed: thread-independent)
+constexpr int64_t kAhead = 2;       // tiles of codes fetched ahead (measured: 2 best of 2, 8, 32)
+
+inline float lane_sum(__m256 v) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), as block_mm.cpp
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// A row's K best logits so far, best first. Offered in increasing id order, an equal value goes after the ones
+// kept before it, so the list is ordered by (value descending, id ascending), like a stable sort.
+struct TopK {
+  float* val;
+  int64_t* id;
+  int k;
+
+  void offer(float v, int64_t n) const {
+    if (!(v > val[k - 1])) return;  // also drops NaN
+    int i = k - 1;
+    while (i > 0 && v > val[i - 1]) { val[i] = val[i - 1]; id[i] = id[i - 1]; --i; }
+    val[i] = v; id[i] = n;
+  }
+};
+
+struct Head {
+  const int8_t* q;         // [N, K]
+  const uint16_t* d;       // [N, K / 32] fp16 bits
+  const float* x;          // [T, K]
+  int64_t T, N, K;
+
+  __m256 weights8(int64_t n, int64_t k, __m256 s) const {
+    const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + k));
+    return _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
+  }
+  __m256 scale_of(int64_t n, int64_t g) const { return _mm256_set1_ps(_cvtsh_ss(d[n * (K / kGroup) + g])); }
+
+  // Measured: 1-4 rows stream the head at ~5 GB/s without this (the hardware prefetcher does not keep up with
+  // 4 interleaved row reads), ~17 GB/s with it, per thread. During group g of rows n0..n0+nr (nr * K contiguous
+  // codes), fetch group g's share of the same rows kAhead tiles further on, and their scales at the first group.
+  void prefetch_ahead(int64_t n0, int nr, int64_t g) const {
+    const int64_t n = n0 + kAhead * kTileRows;
+    const char* codes = reinterpret_cast<const char*>(q + n * K) + g * nr * kGroup;
+    for (int line = 0; line < nr * kGroup; line += 64) prefetch(codes + line);
+    if (g == 0)
+      for (int line = 0; line < nr * (K / kGroup) * 2; line += 64)
+        prefetch(reinterpret_cast<const char*>(d + n * (K / kGroup)) + line);
+  }
+  // GCC drops _mm_prefetch / __builtin_prefetch here at -O1 and above (seen in the assembly); asm keeps it
+  static void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
+
+  // out[t0 + t][c + r] = logit of x row t0 + t and weight row n0 + r, dequantizing in registers
+  template <int NR, int TR>
+  __attribute__((noinline)) void direct_tile(int64_t t0, int64_t n0, float out[][kTileRows], int c) const {
+    __m256 acc[NR][TR];
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / kGroup; ++g) {
+      __m256 s[NR];
+      for (int r = 0; r < NR; ++r) s[r] = scale_of(n0 + r, g);
+      prefetch_ahead(n0, NR, g);
+      for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += kLanes) {
+        __m256 xv[TR];
+        for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * K + k);
+        for (int r = 0; r < NR; ++r) {
+          const __m256 wv = weights8(n0 + r, k, s[r]);
+          for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < TR; ++t) out[t0 + t][c + r] = lane_sum(acc[r][t]);
+  }
+
+  // the same logits from NR weight rows already dequantized into buf [NR, K]
+  template <int NR, int TR>
+  __attribute__((noinline)) void buffered_tile(const float* buf, int64_t t0, float out[][kTileRows]) const {
+    __m256 acc[NR][TR];
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += kLanes) {
+      __m256 xv[TR];
+      for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * K + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 wv = _mm256_loadu_ps(buf + r * K + k);
+        for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < TR; ++t) out[t0 + t][r] = lane_sum(acc[r][t]);
+  }
+
+  // out[t][r] for all T rows and the nr (<= 4) weight rows from n0
+  void tile(int64_t n0, int64_t nr, float* buf, float out[][kTileRows]) const {
+    if (nr < kTileRows) {  // the vocabulary's last rows, one at a time
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t t = 0; t < T; ++t) direct_tile<1, 1>(t, n0 + r, out, r);
+      return;
+    }
+    if (T <= kDirectMaxRows) {
+      int64_t t = 0;
+      for (; t + 4 <= T; t += 4) { direct_tile<2, 4>(t, n0, out, 0); direct_tile<2, 4>(t, n0 + 2, out, 2); }
+      if (T - t == 3) direct_tile<4, 3>(t, n0, out, 0);
+      if (T - t == 2) direct_tile<4, 2>(t, n0, out, 0);
+      if (T - t == 1) direct_tile<4, 1>(t, n0, out, 0);
+      return;
+    }
+    for (int64_t r = 0; r < kTileRows; ++r)
+      for (int64_t g = 0; g < K / kGroup; ++g) {
+        if (r == 0) prefetch_ahead(n0, kTileRows, g);
+        const __m256 s = scale_of(n0 + r, g);
+        for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += kLanes)
+          _mm256_storeu_ps(buf + r * K + k, weights8(n0 + r, k, s));
+      }
+    int64_t t = 0;
+    for (; t + 3 <= T; t += 3) buffered_tile<kTileRows, 3>(buf, t, out);
+    if (T - t == 2) buffered_tile<kTileRows, 2>(buf, t, out);
+    if (T - t == 1) buffered_tile<kTileRows, 1>(buf, t, out);
+  }
+
+  // Weight rows [n_begin, n_end): logits into y [T, N], or each row's top-K into val/id [T, k].
+  void slice(int64_t n_begin, int64_t n_end, float* y, float* val, int64_t* id, int k) const {
+    std::vector<float> buf(T > kDirectMaxRows ? kTileRows * K : 0);
+    std::vector<float> out_store(T * kTileRows);
+    auto out = reinterpret_cast<float (*)[kTileRows]>(out_store.data());
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
+      const int64_t nr = std::min<int64_t>(kTileRows, n_end - n0);
+      tile(n0, nr, buf.data(), out);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t r = 0; r < nr; ++r) {
+          if (y) y[t * N + n0 + r] = out[t][r];
+          else TopK{val + t * k, id + t * k, k}.offer(out[t][r], n0 + r);
+        }
+    }
+  }
+};
+
+Head make_head(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: [T, K] fp32 contiguous");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: [N, K] int8 contiguous");
+  const int64_t K = x.size(1), N = q.size(0);
+  TORCH_CHECK(q.size(1) == K && K % kGroup == 0, "x [T, K], q [N, K], K % 32 == 0");
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.numel() == N * (K / kGroup),
+              "d: [N, K / 32] fp16 contiguous");
+  return Head{q.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+              x.data_ptr<float>(), x.size(0), N, K};
+}
+
+// the slice boundaries: multiples of the tile, a fixed count whatever the threads
+int64_t slice_start(int64_t s, int64_t N) {
+  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
+  return std::min(N, tiles * s / kSlices * kTileRows);
+}
+
+}  // namespace
+
+// x: [T, K] fp32, q: [N, K] int8, d: [N, K / 32] fp16 -> [T, N] fp32 logits
+torch::Tensor q8_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
+  const Head h = make_head(x, q, d);
+  auto y = torch::empty({h.T, h.N}, x.options());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      h.slice(slice_start(s, h.N), slice_start(s + 1, h.N), yp, nullptr, nullptr, 0);
+  });
+  return y;
+}
+
+// x: [T, K] fp32, q: [N, K] int8, d: [N, K / 32] fp16 -> ([T, k] fp32 values best first, [T, k] int64 ids).
+// Entry i is the (i+1)-th largest logit and its lowest id; of equal logits only the lowest id is kept.
+// Slots never filled (k > N, or NaN logits) hold -inf and id -1.
+std::vector<torch::Tensor> q8_topk(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t k) {
+  const Head h = make_head(x, q, d);
+  TORCH_CHECK(k >= 1 && k <= 64, "k in 1..64");
+  const float lowest = -std::numeric_limits<float>::infinity();
+  auto part_val = torch::full({kSlices, h.T, k}, lowest, x.options());
+  auto part_id = torch::full({kSlices, h.T, k}, -1, x.options().dtype(torch::kLong));
+  float* pv = part_val.data_ptr<float>();
+  int64_t* pi = part_id.data_ptr<int64_t>();
+  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      h.slice(slice_start(s, h.N), slice_start(s + 1, h.N), nullptr, pv + s * h.T * k, pi + s * h.T * k, k);
+  });
+  auto val = torch::full({h.T, k}, lowest, x.options());
+  auto id = torch::full({h.T, k}, -1, x.options().dtype(torch::kLong));
+  for (int64_t t = 0; t < h.T; ++t) {  // slices in vocabulary order: ties keep the lowest id
+    const TopK best{val.data_ptr<float>() + t * k, id.data_ptr<int64_t>() + t * k, static_cast<int>(k)};
+    for (int64_t s = 0; s < kSlices; ++s)
+      for (int64_t i = 0; i < k && pi[(s * h.T + t) * k + i] >= 0; ++i)
+        best.offer(pv[(s * h.T + t) * k + i], pi[(s * h.T + t) * k + i]);
+  }
+  return {val, id};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q8_logits", &q8_logits, "x @ (d * q)^T in fp32 over Q8_0 blocks with fp16 scales; see q8_head.cpp");
+  m.def("q8_topk", &q8_topk, "each row's k best logits (lowest id on ties) without writing the logits");
+}

@@ -1,0 +1,153 @@
+"""The tied Q8_0 head/embedding straight from its blocks: exact fp32 logits and a fused greedy argmax.
+
+Why: the head is most of a decode step's bytes (Gemma 3 270M: 262144 x 640). Its blocks as int8 codes plus the
+file's fp16 scale per 32 are 179 MB; the fp32 head is 671 MB and models/lm_head.py's fp16 screen 335 MB. Since
+fp16 * int8 is exact in fp32, the weights are the dequantized ones bit for bit, and activations and accumulation
+stay fp32, so these are the dequantized head's fp32 logits up to summation order. `argmax` keeps each row's
+best few logits inside the kernel instead of writing 262144 per row.
+
+Two notions of "the" argmax (lowest id on ties in both):
+- `argmax(h).ids` is exactly `logits(h).argmax(-1)`: this kernel's own fp32 logits, bit for bit.
+- Another fp32 product of the same weights (torch's mm, LMHead's exact path) sums in another order, so on a
+  near-tie (two logits within ~1e-5) it may pick the other token. `certain` marks the rows where `ids` is proved
+  to be every fp32 product's argmax (the bound below, then float64 rescoring of the few tokens within it);
+  a caller that must agree with one particular product recomputes the other rows with it.
+
+Measured on the default GGUF's head (benchmarks/q8_head.py, 2 threads, OMP_WAIT_POLICY=passive, shared machine,
+ms, median of interleaved rounds, two runs): rows 1 / 4 / 16 / 64: this argmax 10.0-11.2 / 15.7-22.5 / 64-84 / 254,
+LMHead.argmax 14.2-15.2 / 15.6-19.1 / 51-62 / 263, fp32 mm + argmax 54 / 33-47 / 98-168 / 466. One row is
+memory-bound (~17 GB/s, 1.25-1.5x faster than LMHead); from 4 rows fp32 multiply-adds bound it (4 rows: ~1.4 FMA
+per cycle on one core; applying the scale once per block instead of per weight measured no faster), and fbgemm's
+fp16 GEMM is 10-25% faster there. The fused top-k measured the same as writing the logits and taking argmax
+(1 thread: 10.5 vs 10.2 ms at 1 row, 92 vs 90 at 16); it keeps 64 rows from writing 67 MB of logits.
+
+Bound: for any order of an fp32 D-term dot product, |fl(w.h) - w.h| <= gamma_D sum|w_j h_j| <= gamma_D |w| |h|
+(Higham), so two fp32 products of the same weights differ by at most E = 2 gamma_D max_v |w_v| |h|, and every
+token that could be another product's argmax has a logit here >= top - 2E (softcap: lm_head.candidate_threshold).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from treespec.kernels.block_layout import PackedBlocks, dequantize_packed
+from treespec.kernels.block_mm import build, compiled as block_kernel_compiled
+from treespec.models.lm_head import cap_tolerance, candidate_threshold, capped, gamma
+
+_SOURCE = Path(__file__).with_name("q8_head.cpp")
+TOP_K = 8                 # logits kept per row by the fused argmax: enough unless more than 8 are near-tied
+_NORM_CHUNK = 16384       # rows per chunk when measuring row norms (bounds temporary memory)
+
+
+@functools.cache
+def compiled() -> ModuleType | None:
+    """The built head kernel, or None where the block kernels cannot run here (no AVX2, no compiler)."""
+    return build(_SOURCE) if block_kernel_compiled() is not None else None
+
+
+@dataclass(frozen=True)
+class HeadChoice:
+    """Greedy choice per row: ids [T] int64, top [T] fp32 (its logit, softcapped), certain [T] bool."""
+    ids: torch.Tensor
+    top: torch.Tensor
+    certain: torch.Tensor
+
+
+class Q8Head:
+    """A [V, D] Q8_0 weight (PackedBlocks, group 32, no min) as int8 codes + fp16 scales."""
+
+    def __init__(self, blocks: PackedBlocks, softcap: float | None = None) -> None:
+        if blocks.group != 32 or blocks.min is not None:
+            raise ValueError("Q8Head wants Q8_0 blocks: group 32, no min")
+        d = blocks.scale.half()
+        if not torch.equal(d.float(), blocks.scale) or not bool(torch.isfinite(blocks.scale).all()):
+            raise ValueError("Q8Head wants finite fp16 scales (Q8_0 stores them as fp16)")
+        self.q = blocks.q                     # [V, D] int8
+        self.d = d.contiguous()               # [V, D / 32] fp16
+        self.softcap = softcap
+        self.slope = 2.0 * gamma(self.q.shape[1]) * self._max_row_norm() * (1.0 + 1e-9)
+
+    @property
+    def blocks(self) -> PackedBlocks:
+        return PackedBlocks(self.q, self.d.float(), None, 32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + 2 * self.d.numel()
+
+    def _max_row_norm(self) -> float:
+        worst = 0.0
+        for start in range(0, self.q.shape[0], _NORM_CHUNK):
+            w = self.rows_f64(torch.arange(start, min(start + _NORM_CHUNK, self.q.shape[0])))
+            worst = max(worst, w.norm(dim=1).max().item())
+        return worst
+
+    def rows_f64(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [C] -> [C, D] float64, exact
+        return (self.d[ids].double().repeat_interleave(32, dim=1) * self.q[ids].double())
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32, softcapped if configured
+        ext = compiled()
+        raw = ext.q8_logits(h.float().contiguous(), self.q, self.d) if ext else reference_logits(h, self.blocks)
+        return capped(raw, self.softcap)
+
+    def topk(self, h: torch.Tensor, k: int = TOP_K) -> tuple[torch.Tensor, torch.Tensor]:  # h: [T, D]
+        """Each row's k largest raw (uncapped) logits and their ids, best first, lowest id first among equals:
+        ([T, k] fp32, [T, k] int64), the same entries as a stable descending sort of the kernel's logits."""
+        ext = compiled()
+        if ext is None:
+            order = reference_logits(h, self.blocks).sort(dim=1, descending=True, stable=True)
+            return order.values[:, :k], order.indices[:, :k]
+        return tuple(ext.q8_topk(h.float().contiguous(), self.q, self.d, k))
+
+    def argmax(self, h: torch.Tensor) -> HeadChoice:  # h: [T, D]
+        """ids = logits(h).argmax(-1) exactly (lowest id on ties), certain where every fp32 product agrees."""
+        vals, ids = self.topk(h, min(TOP_K, self.q.shape[0]))        # all tokens when the vocabulary is tiny
+        capped_vals = capped(vals, self.softcap)
+        best = capped_vals[:, :1]
+        tied = capped_vals == best                                     # the softcap can merge close values
+        picked = torch.where(tied, ids, torch.iinfo(torch.int64).max).amin(dim=1)
+        top = best[:, 0].clone()
+        # a capped tie that may go beyond the k kept (or NaN logits): the full logits decide
+        beyond = (capped_vals[:, -1] == best[:, 0]) & (vals.shape[1] < self.q.shape[0])
+        unsure = beyond | (ids[:, -1] < 0) | torch.isnan(best[:, 0])
+        for t in unsure.nonzero()[:, 0].tolist():
+            row = self.logits(h[t:t + 1])[0]
+            picked[t], top[t] = row.argmax(), row.max()
+        certain = self._certify(h, vals, ids, picked) & ~unsure
+        return HeadChoice(picked, top, certain)
+
+    def _certify(self, h: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor,
+                 picked: torch.Tensor) -> torch.Tensor:  # -> [T] bool
+        """Whether picked[t] is the argmax of any fp32 product of h[t] with these weights (module docstring)."""
+        hd = h.double()
+        err = self.slope * hd.norm(dim=1)                                      # [T]
+        thr = candidate_threshold(vals[:, 0].double(), err, self.softcap)      # [T]
+        near = vals.double() >= thr[:, None]                                   # [T, k]
+        complete = ~near[:, -1] | (vals.shape[1] == self.q.shape[0])          # all candidates are in the k kept
+        certain = torch.isfinite(thr) & complete
+        for t in (certain & (near.sum(dim=1) > 1)).nonzero()[:, 0].tolist():
+            cand = ids[t][near[t]]
+            certain[t] = self._rescore(hd[t], cand) == int(picked[t])
+        return certain
+
+    def _rescore(self, h: torch.Tensor, ids: torch.Tensor) -> int | None:  # h: [D] float64, ids: [C]
+        """The candidate whose fp32 logit is certainly the largest in any summation order; None on a near-tie."""
+        w = self.rows_f64(ids)
+        exact = w @ h                                                          # error ~gamma64: negligible
+        radius = (gamma(w.shape[1]) + gamma(w.shape[1], 2.0 ** -53)) * (w.abs() @ h.abs()) * (1.0 + 1e-9)
+        best = int(exact.argmax())
+        tol = cap_tolerance(self.softcap)
+        low = capped(exact[best] - radius[best], self.softcap) - tol
+        high = capped(exact + radius, self.softcap) + tol
+        high[best] = -math.inf
+        return int(ids[best]) if bool(low > high.max()) else None
+
+
+def reference_logits(h: torch.Tensor, blocks: PackedBlocks) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32 raw
+    """The obviously-correct twin: dequantize, then torch's fp32 product."""
+    return h.float() @ dequantize_packed(blocks).t()

@@ -1,0 +1,32 @@
+"""A GGUF's quantized 2-D weights kept as blocks (kernels/block_layout.py) under their HF names.
+
+The opt-in twin of gguf.load_gguf_weights for the projections: the same renaming and the same Llama Q/K row
+unpermutation (a row permutation moves whole blocks, so it applies to codes and scales alike). Tensors of
+other types (F32, F16, types without a block kernel) are left to the dequantizing loader.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from treespec.kernels.block_layout import PackedBlocks, map_rows, pack, packable
+from treespec.weights.gguf import unpermute_qk
+from treespec.weights.gguf_file import GGUFFile
+from treespec.weights.gguf_names import NON_PARAMETERS, hf_name, parse_arch
+
+
+def load_gguf_blocks(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, PackedBlocks]:
+    """HF weight name -> PackedBlocks for every 2-D block-quantized layer weight (config: the HF config that
+    gguf.load_gguf_weights made, for the head counts)."""
+    arch = parse_arch(str(gguf.metadata.get("general.architecture", "<missing>")))
+    out: dict[str, PackedBlocks] = {}
+    for info in gguf.tensors:
+        if info.name in NON_PARAMETERS or not info.name.startswith("blk.") or len(info.shape) != 2 \
+                or not packable(info.qtype):
+            continue
+        blocks = pack(gguf.raw(info), info.qtype, info.shape)
+        heads = {".attn_q.": "num_attention_heads", ".attn_k.": "num_key_value_heads"}
+        for part, key in heads.items():
+            if arch.permutes_qk and part in info.name:
+                blocks = map_rows(blocks, lambda t, n=config[key]: unpermute_qk(t, n))
+        out[hf_name(info.name, arch)] = blocks
+    return out
