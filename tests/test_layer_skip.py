@@ -306,3 +306,23 @@ def test_view_equals_a_model_built_from_those_layers():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(view.logits(got), smaller.logits(want))
     torch.testing.assert_close(got_cache.k[[0, 3], :, :7], want_cache.k[:, :, :7])
+
+
+def test_a_self_draft_failing_half_way_leaves_the_target_cache_clean(monkeypatch):
+    """The draft writes its levels into the target's own cache: a failure after the first level must still drop
+    those slots before the target verifies (else the verify forward would attend to them)."""
+    from treespec.drafters.model import ModelDrafter
+    target = target_model("llama")
+    _, plain = run(target, None)
+    feed, calls = ModelDrafter._feed, []
+
+    def flaky(self, live):
+        calls.append(len(calls))
+        if len(calls) % 3 == 2:  # fail on some steps' second level, after the first level wrote its slots
+            raise RuntimeError("draft level broke")
+        return feed(self, live)
+
+    monkeypatch.setattr(ModelDrafter, "_feed", flaky)
+    engine, spec = run(target, {"method": "layer_skip", "layers": [0, 1], "num_speculative_tokens": 3, "budget": 6})
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert len(calls) > 3 and engine.stats.num_draft_tokens > 0

@@ -106,18 +106,21 @@ class ModelDrafter(ConfiguredDrafter):
     # ---- protocol -------------------------------------------------------------------------------------------
     def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
         trees = [TokenTree.root(d.request.root_token) for d in batch]
-        jobs = {i: _Job(d, self._state(d.request), self._growth(d, depth))
-                for i, d in enumerate(batch) if (depth := self._depth(d)) > 0}
-        with torch.no_grad():
-            self._catch_up(list(jobs.values()))
-            while live := [j for j in jobs.values() if j.growth.frontier]:
-                for job, q in zip(live, self._feed(live)):
-                    job.growth.extend(q)
+        try:
+            jobs = {i: _Job(d, self._state(d.request), self._growth(d, depth))
+                    for i, d in enumerate(batch) if (depth := self._depth(d)) > 0}
+            with torch.no_grad():
+                self._catch_up(list(jobs.values()))
+                while live := [j for j in jobs.values() if j.growth.frontier]:
+                    for job, q in zip(live, self._feed(live)):
+                        job.growth.extend(q)
+        finally:  # a self-draft's slots never reach the target's verify, even when drafting fails half-way
+            if self.model.shares_target_cache:
+                for d in batch:
+                    d.request.cache.truncate(d.request.cache.length)
         for i, j in jobs.items():
             j.state.tree, j.state.coupled = j.growth.tree, j.growth.coupling is not None
             trees[i] = j.growth.result()
-            if self.model.shares_target_cache:
-                j.state.cache.truncate(j.state.cache.length)  # the target's tree goes right after the committed
         return trees
 
     def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:

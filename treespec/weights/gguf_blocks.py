@@ -9,15 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from treespec.kernels.block_layout import PackedBlocks, map_rows, pack, packable
+from treespec.models.registry import gguf_family
 from treespec.weights.gguf import unpermute_qk
 from treespec.weights.gguf_file import GGUFFile
-from treespec.weights.gguf_names import NON_PARAMETERS, hf_name, parse_arch
+from treespec.weights.gguf_names import NON_PARAMETERS, hf_name
 
 
 def load_gguf_blocks(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, PackedBlocks]:
     """HF weight name -> PackedBlocks for every 2-D block-quantized layer weight (config: the HF config that
     gguf.load_gguf_weights made, for the head counts)."""
-    arch = parse_arch(str(gguf.metadata.get("general.architecture", "<missing>")))
+    layout = gguf_family(str(gguf.metadata.get("general.architecture", "<missing>"))).gguf
     out: dict[str, PackedBlocks] = {}
     for info in gguf.tensors:
         if info.name in NON_PARAMETERS or not info.name.startswith("blk.") or len(info.shape) != 2 \
@@ -26,7 +27,7 @@ def load_gguf_blocks(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, Packed
         blocks = pack(gguf.raw(info), info.qtype, info.shape)
         heads = {".attn_q.": "num_attention_heads", ".attn_k.": "num_key_value_heads"}
         for part, key in heads.items():
-            if arch.permutes_qk and part in info.name:
+            if layout.permutes_qk and part in info.name:
                 blocks = map_rows(blocks, lambda t, n=config[key]: unpermute_qk(t, n))
-        out[hf_name(info.name, arch)] = blocks
+        out[hf_name(info.name, layout.arch, layout.layer_names)] = blocks
     return out
