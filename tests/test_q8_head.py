@@ -143,3 +143,34 @@ def test_only_q8_0_blocks_are_accepted() -> None:
     raw = random_blocks(Q.Q4_K, 4, 256)
     with pytest.raises(ValueError, match="Q8_0"):
         Q8Head(pack(raw, Q.Q4_K, (4, 256)))
+
+
+@needs_kernel
+def test_lm_head_argmax_through_the_blocks_equals_its_exact_argmax() -> None:
+    """LMHead with the Q8_0 blocks attached: rows of 1-2 go through them, certain rows are kept, near-ties (row 41
+    = row 40 but one code in a block of scale 2^-20) go to LMHead's own path; every answer is LMHead.logits'
+    argmax. 4 rows take the screen's path; other weights are refused."""
+    head, _ = random_head(5000, seed=7)
+    q, d = head.q.clone(), head.d.clone()
+    d[40] = 0.5
+    d[40, 1] = 2.0 ** -20
+    q[41], d[41] = q[40], d[40]
+    q[41, 32] = q[41, 32] + (1 if q[41, 32] < 127 else -1)
+    head = Q8Head(PackedBlocks(q, d.float(), None, 32))
+    w = dequantize_packed(head.blocks)
+    torch.manual_seed(1)
+    h = torch.randn(24, 96)
+    h[::2] = 10.0 * w[40] + 1e-3 * torch.randn(12, 96)                     # every other row: a near-tie
+    lm = LMHead(w)
+    lm.use_blocks_head(head)
+    for rows in (1, 2):
+        for part in h.split(rows):
+            assert torch.equal(lm.argmax(part), lm.logits(part).argmax(-1))
+    assert 0 < lm.stats.blocks < 48 and lm.stats.screened + lm.stats.exact > 0
+    before = lm.stats.blocks
+    lm.argmax(h[:4])
+    assert lm.stats.blocks == before
+    other = w.clone()
+    other[0, 0] += 1.0
+    with pytest.raises(ValueError, match="does not hold"):
+        LMHead(other).use_blocks_head(head)

@@ -2,8 +2,8 @@
 
 Speculation verifies a tree's rows in one forward; a mode whose numbers for one row depend on the other rows of
 the forward (int8 with one activation scale per call did) makes speculative output drift from plain output.
-Tiny Gemma 3 GGUF (Q8_0 and Q5_0 weights) as the target in fp32, fp16, int8 and from its blocks; a perturbed
-copy drafts (partly accepted, partly rejected) next to an n-gram drafter.
+Tiny Gemma 3 GGUF (Q8_0 and Q5_0 weights) as the target in fp32, fp16, int8 and from its blocks (Q8_0 head
+too); a perturbed copy drafts (partly accepted, partly rejected) next to an n-gram drafter.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from treespec.kernels.block_mm import compiled
 from treespec.models import build_model
 from treespec.models.lm_head import fp16_ops_available
 from treespec.models.quant import quantize_linears
-from treespec.models.quant_blocks import use_blocks
+from treespec.models.quant_blocks import use_blocks, use_head_blocks
 from treespec.sampling import SamplingParams
-from treespec.weights.gguf_blocks import load_gguf_blocks
+from treespec.weights.gguf_blocks import load_gguf_blocks, load_head_blocks
 from treespec.weights.gguf_file import read_gguf
 from treespec.weights.loader import load_checkpoint
 
@@ -52,7 +52,9 @@ def target_in(mode: str, path: Path) -> torch.nn.Module:
     if mode == "blocks":
         if compiled() is None:
             pytest.skip("block kernel cannot be built here")
-        assert use_blocks(model, load_gguf_blocks(read_gguf(path), ckpt.config)) > 0
+        gguf = read_gguf(path)
+        assert use_blocks(model, load_gguf_blocks(gguf, ckpt.config)) > 0
+        assert use_head_blocks(model, load_head_blocks(gguf))
     return model
 
 

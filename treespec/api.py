@@ -1,7 +1,9 @@
 """The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
 from __future__ import annotations
 
+import logging
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -15,7 +17,9 @@ from treespec.engine.request import Request
 from treespec.errors import ConfigError, QueueFullError
 from treespec.models.registry import build_model
 from treespec.sampling import SamplingParams
-from treespec.weights.loader import load_checkpoint
+from treespec.weights.loader import load_checkpoint, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +49,18 @@ class LLM:
         spec = SpecConfig.parse(speculative_config)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        ckpt = load_checkpoint(model, progress=progress)
+        path = resolve_model(model)
+        blocks = config.weight_quantization is WeightQuantization.BLOCKS
+        if blocks and not path.is_file():
+            raise ConfigError(f"weight_quantization 'blocks' needs a GGUF model; {path} is a Hugging Face directory "
+                              f"(use 'none', 'fp16' or 'int8')")
+        ckpt = load_checkpoint(str(path), progress=progress)
         self.checkpoint_source = ckpt.source
         self.model_config = ckpt.config
         target = build_model(ckpt.config, ckpt.tensors)
-        if config.weight_quantization is not WeightQuantization.NONE:
+        if blocks:
+            _use_gguf_blocks(target, path, ckpt.config)
+        elif config.weight_quantization is not WeightQuantization.NONE:
             from treespec.models.quant import quantize_linears
             quantize_linears(target, config.weight_quantization)
         target.lm_head.prepare()  # the exact fast argmax's fp16 copy: built once here, not inside a timed step
@@ -119,3 +130,17 @@ class LLM:
                 return True
             pending.popleft()
         return False
+
+
+def _use_gguf_blocks(target: torch.nn.Module, path: Path, config: dict[str, Any]) -> None:
+    """weight_quantization 'blocks': the GGUF's block-quantized projections and Q8_0 head computed from their
+    blocks (exact); everything else (F32/F16 tensors, types without a kernel, no kernel here) stays fp32."""
+    from treespec.models.quant_blocks import use_blocks, use_head_blocks
+    from treespec.weights.gguf_blocks import load_gguf_blocks, load_head_blocks
+    from treespec.weights.gguf_file import read_gguf
+    gguf = read_gguf(path)
+    swapped = use_blocks(target, load_gguf_blocks(gguf, config))
+    head = use_head_blocks(target, load_head_blocks(gguf))
+    log.info("weight_quantization blocks: %d projections %s; greedy head %s", swapped,
+             "from their blocks" if swapped else "(none: fp32 Linears)",
+             "from its Q8_0 blocks for few rows" if head else "as in fp32 mode")

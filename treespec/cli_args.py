@@ -10,6 +10,7 @@ import json
 import sys
 from typing import Any
 
+from treespec.config import WeightQuantization
 from treespec.errors import ConfigError, TreespecError
 
 EXIT_USAGE = 2
@@ -67,8 +68,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", default=None, help="shorthand for a draft_model speculative config")
     p.add_argument("--num-speculative-tokens", type=positive_int, default=None, help="draft depth")
     p.add_argument("--max-model-len", type=positive_int, default=None)
-    p.add_argument("--weight-quantization", choices=["none", "fp16", "int8"], default="none")
+    add_weight_quantization(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+
+
+def add_weight_quantization(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weight-quantization", choices=[m.value for m in WeightQuantization], default="none",
+                   help="none: fp32 (exact); blocks: a GGUF's quantized weights used as they are stored (exact, "
+                        "less memory traffic); fp16, int8: approximate")
 
 
 def add_bench_parser(sub) -> None:
@@ -84,7 +91,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="spec mode: sampling seed of every request")
     b.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--weight-quantization", choices=["none", "fp16", "int8"], default="none")
+    add_weight_quantization(b)
     b.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedup.png")
     b.add_argument("--concurrency", default="1,4,16", help="serve mode: comma-separated client counts")
 

@@ -53,6 +53,7 @@ class WeightQuantization(Enum):
     NONE = "none"  # fp32, exact
     FP16 = "fp16"  # fp16 weights, fp32 math (fbgemm); approximate
     INT8 = "int8"  # int8 weights; approximate
+    BLOCKS = "blocks"  # a GGUF's quantized weights computed from their blocks, fp32 math; exact (the GGUF's model)
 
 
 def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
@@ -121,6 +122,9 @@ class DrafterConfig:
             if self.quantization is not WeightQuantization.NONE:
                 raise ConfigError("quantization: only the layer_skip method takes it")
             return
+        if self.quantization is WeightQuantization.BLOCKS:
+            raise ConfigError("quantization: a layer_skip draft takes 'none', 'fp16' or 'int8' (its layers are the "
+                              "target's; 'blocks' is a load-time mode)")
         if self.layers is not None:
             sets = self.layers if self.layers and isinstance(self.layers[0], list) else [self.layers]
             for s in sets:

@@ -115,16 +115,17 @@ def head_path(request: Request, tree: TokenTree) -> HeadPath:
 
 def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[TokenTree],
                 hiddens: list[torch.Tensor], noise: list[PositionNoise]) -> list[TargetScores]:
-    """Run the head once for the whole batch: one fp16 screen GEMM for every ARGMAX and GUMBEL row, full fp32
-    logits (then penalties and the sampling transforms) for the FULL ones. noise: each request's (GUMBEL rows
-    draw with it)."""
+    """Run the head once for the whole batch: one fp16 screen GEMM for every ARGMAX and GUMBEL row (when no row
+    samples, the greedy rows' argmax picks its own path), full fp32 logits (then penalties and the sampling
+    transforms) for the FULL ones. noise: each request's (GUMBEL rows draw with it)."""
     paths = [head_path(r, t) for r, t in zip(requests, trees)]
     out = [TargetScores() for _ in requests]
     head = model.lm_head
     fast = [i for i, p in enumerate(paths) if p is not HeadPath.FULL]
     if fast:
         h = torch.cat([hiddens[i] for i in fast])
-        screened = head.screen_logits(h)
+        # greedy rows alone: argmax picks its own path (a Q8_0 head's blocks for few rows, else the screen)
+        screened = head.screen_logits(h) if any(paths[i] is HeadPath.GUMBEL for i in fast) else None
         sizes = [hiddens[i].shape[0] for i in fast]
         rows = screened.split(sizes) if screened is not None else [None] * len(fast)
         argmax = [k for k, i in enumerate(fast) if paths[i] is HeadPath.ARGMAX]  # positions within `fast`

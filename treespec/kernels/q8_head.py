@@ -28,7 +28,6 @@ token that could be another product's argmax has a logit here >= top - 2E (softc
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,7 +36,7 @@ import torch
 
 from treespec.kernels.block_layout import PackedBlocks, dequantize_packed
 from treespec.kernels.block_mm import build, compiled as block_kernel_compiled
-from treespec.models.lm_head import cap_tolerance, candidate_threshold, capped, gamma
+from treespec.models.lm_head import candidate_threshold, capped, certified_winner, gamma
 
 _SOURCE = Path(__file__).with_name("q8_head.cpp")
 TOP_K = 8                 # logits kept per row by the fused argmax: enough unless more than 8 are near-tied
@@ -132,20 +131,8 @@ class Q8Head:
         certain = torch.isfinite(thr) & complete
         for t in (certain & (near.sum(dim=1) > 1)).nonzero()[:, 0].tolist():
             cand = ids[t][near[t]]
-            certain[t] = self._rescore(hd[t], cand) == int(picked[t])
+            certain[t] = certified_winner(self.rows_f64(cand), hd[t], cand, self.softcap) == int(picked[t])
         return certain
-
-    def _rescore(self, h: torch.Tensor, ids: torch.Tensor) -> int | None:  # h: [D] float64, ids: [C]
-        """The candidate whose fp32 logit is certainly the largest in any summation order; None on a near-tie."""
-        w = self.rows_f64(ids)
-        exact = w @ h                                                          # error ~gamma64: negligible
-        radius = (gamma(w.shape[1]) + gamma(w.shape[1], 2.0 ** -53)) * (w.abs() @ h.abs()) * (1.0 + 1e-9)
-        best = int(exact.argmax())
-        tol = cap_tolerance(self.softcap)
-        low = capped(exact[best] - radius[best], self.softcap) - tol
-        high = capped(exact + radius, self.softcap) + tol
-        high[best] = -math.inf
-        return int(ids[best]) if bool(low > high.max()) else None
 
 
 def reference_logits(h: torch.Tensor, blocks: PackedBlocks) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32 raw

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from treespec.models.matmul import few_rows_linear
+
+if TYPE_CHECKING:
+    from treespec.kernels.q8_head import Q8Head
 
 _U32 = 2.0 ** -24                 # unit roundoff of fp32
 _U64 = 2.0 ** -53                 # unit roundoff of fp64
@@ -31,6 +35,9 @@ MIN_SCREEN_VOCAB = 4096           # below this the fp32 GEMM is cheap and the sc
 MAX_RESCORE = 4096                # more candidates than this in one row: the full fp32 GEMM is cheaper
 _SLOPE_CHUNK = 16384              # rows per chunk when measuring the fp16 rounding error (bounds temp memory)
 _BLOCK = 256                      # logits per block when looking for candidates: one vectorised max pass
+# up to this many rows argmax() reads the Q8_0 head's blocks when it has them (179 MB vs the screen's 335 MB);
+# from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster (kernels/q8_head.py)
+BLOCKS_HEAD_MAX_ROWS = 2
 
 
 def gamma(n: int, u: float = _U32) -> float:
@@ -107,6 +114,21 @@ def entries_at_least(s: torch.Tensor, maxima: torch.Tensor,
     return hit_row[hit], cols[hit, offset]
 
 
+def certified_winner(w: torch.Tensor, h: torch.Tensor, ids: torch.Tensor,
+                     softcap: float | None) -> int | None:  # w: [C, D] float64 (exact weights), h: [D], ids: [C]
+    """The candidate whose fp32 logit is certainly the largest in any fp32 summation order, from float64
+    rescoring; None on a near-tie. Shared by the fp16 screen here and the Q8_0 head (kernels/q8_head.py)."""
+    hd = h.double()
+    exact = w @ hd                                                     # error <= gamma64 * S: negligible
+    radius = (gamma(w.shape[1]) + gamma(w.shape[1], _U64)) * (w.abs() @ hd.abs()) * (1.0 + 1e-9)
+    best = int(exact.argmax())
+    tol = cap_tolerance(softcap)
+    low = capped(exact[best] - radius[best], softcap) - tol
+    high = capped(exact + radius, softcap) + tol
+    high[best] = -math.inf
+    return int(ids[best]) if bool(low > high.max()) else None
+
+
 @dataclass
 class HeadStats:
     """Which path each argmax() row took; read by tests and benchmarks."""
@@ -115,6 +137,7 @@ class HeadStats:
     candidates: int = 0    # candidate tokens rescored in total
     fallbacks: int = 0     # batches answered by the full fp32 logits (near-tie, non-finite values, huge sets)
     exact: int = 0         # rows answered by the full fp32 logits (fallbacks, small vocab, no fbgemm)
+    blocks: int = 0        # rows decided from the quantized head's blocks (certified, see use_blocks_head)
 
 
 @dataclass(frozen=True)
@@ -155,6 +178,7 @@ class LMHead:
         self.softcap = softcap
         self.stats = HeadStats()
         self.screen: Fp16Screen | None = None  # built by prepare(); None = exact fp32 path
+        self.blocks_head: Q8Head | None = None  # set by use_blocks_head(): argmax of few rows from the blocks
         self._prepared = False
 
     @property
@@ -175,8 +199,19 @@ class LMHead:
             self._prepared = True
         return self.screen is not None
 
+    def use_blocks_head(self, blocks_head: Q8Head) -> None:
+        """Let argmax() of up to BLOCKS_HEAD_MAX_ROWS rows read these blocks: they must hold exactly this head's
+        weights (checked on a sample of rows), so a certified choice from them is this head's argmax."""
+        rows = torch.arange(0, self.vocab_size, max(1, self.vocab_size // 256))
+        if blocks_head.q.shape != self.weight.shape or blocks_head.softcap != self.softcap or \
+                not torch.equal(blocks_head.rows_f64(rows).float(), self.weight[rows]):
+            raise ValueError("the blocks head does not hold this head's weights")
+        self.blocks_head = blocks_head
+
     def bytes_per_step(self) -> int:
-        """Weight bytes one argmax() reads: the fp16 copy when the screen is used, else the fp32 head."""
+        """Weight bytes one argmax() of one row reads: the blocks, the fp16 copy (screen) or the fp32 head."""
+        if self.blocks_head is not None:
+            return self.blocks_head.nbytes
         return self.weight.numel() * (2 if self.screen_wanted else 4)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32
@@ -198,8 +233,15 @@ class LMHead:
         return self.screen(h.contiguous())
 
     def argmax(self, h: torch.Tensor, screened: torch.Tensor | None = None) -> torch.Tensor:  # h: [T, D] -> [T]
-        """Exactly logits(h).argmax(-1) (lowest id on ties), through the fp16 screen when it pays.
-        screened: screen_logits(h) if the caller has them already."""
+        """Exactly logits(h).argmax(-1) (lowest id on ties), through the Q8_0 blocks (few rows, when attached)
+        or the fp16 screen when they pay.
+        screened: screen_logits(h) if the caller has them already (then the screen decides, as it is paid for)."""
+        if self.blocks_head is not None and screened is None and 0 < h.shape[0] <= BLOCKS_HEAD_MAX_ROWS:
+            return self._blocks_argmax(h)
+        return self._screened_or_exact_argmax(h, screened)
+
+    def _screened_or_exact_argmax(self, h: torch.Tensor,
+                                  screened: torch.Tensor | None) -> torch.Tensor:  # h: [T, D] -> [T]
         if not self.prepare() or h.shape[0] == 0:
             return self._exact_argmax(h)
         h = h.contiguous()
@@ -208,6 +250,16 @@ class LMHead:
             self.stats.fallbacks += 1
             return self._exact_argmax(h)
         self.stats.screened += h.shape[0]
+        return picked
+
+    def _blocks_argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T]
+        """The blocks head's choice where it is certain (every fp32 product's argmax), the screen's elsewhere."""
+        choice = self.blocks_head.argmax(h)
+        picked = choice.ids.clone()
+        unsure = (~choice.certain).nonzero()[:, 0]
+        if unsure.numel():
+            picked[unsure] = self._screened_or_exact_argmax(h[unsure], None)
+        self.stats.blocks += h.shape[0] - unsure.numel()
         return picked
 
     def _exact_argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T]
@@ -229,23 +281,10 @@ class LMHead:
         rescore = (counts > 1).nonzero()[:, 0].tolist()
         per_row = ids.split(counts.tolist()) if rescore else ()
         for t in rescore:
-            winner = self._certified_winner(h[t], per_row[t])          # ids ascending
+            winner = certified_winner(self.weight[per_row[t]].double(), h[t], per_row[t], self.softcap)
             if winner is None:
                 return None
             picked[t] = winner
         self.stats.rescored += len(rescore)
         self.stats.candidates += int(counts[rescore].sum())
         return picked
-
-    def _certified_winner(self, h: torch.Tensor, ids: torch.Tensor) -> int | None:  # h: [D], ids: [C]
-        """The candidate whose fp32 logit is certainly the largest, from float64 rescoring; None on a near-tie."""
-        w = self.weight[ids].double()                                  # [C, D]
-        hd = h.double()
-        exact = w @ hd                                                 # error <= gamma64 * S: negligible
-        radius = (gamma(w.shape[1]) + gamma(w.shape[1], _U64)) * (w.abs() @ hd.abs()) * (1.0 + 1e-9)
-        best = int(exact.argmax())
-        tol = cap_tolerance(self.softcap)
-        low = capped(exact[best] - radius[best], self.softcap) - tol
-        high = capped(exact + radius, self.softcap) + tol
-        high[best] = -math.inf
-        return int(ids[best]) if bool(low > high.max()) else None

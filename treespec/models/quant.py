@@ -43,8 +43,8 @@ class QuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, kind: WeightQuantization) -> None:
         super().__init__()
-        if kind is WeightQuantization.NONE:
-            raise ValueError("QuantLinear needs FP16 or INT8")
+        if kind not in (WeightQuantization.FP16, WeightQuantization.INT8):
+            raise ValueError(f"QuantLinear needs FP16 or INT8, got {kind.name}")
         self.kind = kind
         self.in_features = linear.in_features
         self.out_features = linear.out_features

@@ -4,7 +4,8 @@ Why: a decode step is memory-bound, and the dequantized fp32 body streams 400 MB
 repacked as int8 codes plus per-group scales (kernels/block_layout.py), stream ~117 MB. Activations and
 accumulation stay fp32 and the weights are bit-identical to the dequantized ones, so outputs agree with the
 dequantized model to float rounding, and a row's output never depends on the other rows of its forward.
-Opt-in for now: `use_blocks` swaps them into a model built the default way.
+`use_blocks` swaps them into a model built the default way (weight_quantization "blocks"), and `use_head_blocks`
+lets the LM head's greedy argmax of a few rows read a Q8_0 head's blocks.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from treespec.kernels.block_layout import PackedBlocks, concat_rows
 from treespec.kernels.block_mm import block_mm, compiled
+from treespec.kernels.q8_head import Q8Head, compiled as head_kernel_compiled
 
 # (block child, projection) -> the HF weights fused into it, in order
 _PROJECTIONS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -67,3 +69,12 @@ def use_blocks(model: nn.Module, blocks: dict[str, PackedBlocks]) -> int:
             setattr(parent, proj, BlockQuantLinear(concat_rows([blocks[n] for n in names]), old.bias))
             swapped += 1
     return swapped
+
+
+def use_head_blocks(model: nn.Module, blocks: PackedBlocks | None) -> bool:
+    """Attach a Q8_0 head's blocks to model.lm_head (models/lm_head.py: argmax of few rows reads them); False,
+    with the head unchanged, when there are none or the head kernel cannot be built here."""
+    if blocks is None or head_kernel_compiled() is None:
+        return False
+    model.lm_head.use_blocks_head(Q8Head(blocks, model.lm_head.softcap))
+    return True

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gguf import GGMLQuantizationType as Q
+
 from treespec.kernels.block_layout import PackedBlocks, map_rows, pack, packable
 from treespec.models.registry import gguf_family
 from treespec.weights.gguf import unpermute_qk
@@ -31,3 +33,13 @@ def load_gguf_blocks(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, Packed
                 blocks = map_rows(blocks, lambda t, n=config[key]: unpermute_qk(t, n))
         out[hf_name(info.name, layout.arch, layout.layer_names)] = blocks
     return out
+
+
+def load_head_blocks(gguf: GGUFFile) -> PackedBlocks | None:
+    """The output head's blocks (`output.weight`, else the tied `token_embd.weight`) when it is Q8_0, the one
+    type with a head kernel (kernels/q8_head.py); None otherwise."""
+    infos = {t.name: t for t in gguf.tensors}
+    info = infos.get("output.weight", infos.get("token_embd.weight"))
+    if info is None or info.qtype != Q.Q8_0 or len(info.shape) != 2:
+        return None
+    return pack(gguf.raw(info), info.qtype, info.shape)
