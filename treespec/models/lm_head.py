@@ -14,6 +14,10 @@ so |s_v - r_v| <= E = |h| * max_v (|w_v - w~_v| + gamma_D (|w_v| + |w~_v|)). Eve
 screen's argmax) has s_v >= max s - 2E. With a softcap (c tanh(z/c), monotonic but able to merge close values in
 fp32) the same argument runs on capped values, widened by the fp32 evaluation error of the cap.
 Assumes the reference logits are plain fp32 GEMMs (PyTorch's default CPU matmul precision).
+
+With a Q8_0 head's blocks attached (weight_quantization "blocks": use_blocks_head), argmax() of 1-2 rows reads
+those instead (kernels/q8_head.py, 179 MB against the screen's 335 MB): a row they certify is every fp32 product's
+argmax, so this one's; the rows they leave uncertain (near-ties) take the path above.
 """
 from __future__ import annotations
 
