@@ -15,7 +15,7 @@ screen's argmax) has s_v >= max s - 2E. With a softcap (c tanh(z/c), monotonic b
 fp32) the same argument runs on capped values, widened by the fp32 evaluation error of the cap.
 Assumes the reference logits are plain fp32 GEMMs (PyTorch's default CPU matmul precision).
 
-With a Q8_0 head's blocks attached (weight_quantization "blocks": use_blocks_head), argmax() of 1-2 rows reads
+With a Q8_0 head's blocks attached (weight_quantization "blocks": use_blocks_head), argmax() of 1-3 rows reads
 those instead (kernels/q8_head.py, 179 MB against the screen's 335 MB): a row they certify is every fp32 product's
 argmax, so this one's; the rows they leave uncertain (near-ties) take the path above.
 """
@@ -39,9 +39,10 @@ MIN_SCREEN_VOCAB = 4096           # below this the fp32 GEMM is cheap and the sc
 MAX_RESCORE = 4096                # more candidates than this in one row: the full fp32 GEMM is cheaper
 _SLOPE_CHUNK = 16384              # rows per chunk when measuring the fp16 rounding error (bounds temp memory)
 _BLOCK = 256                      # logits per block when looking for candidates: one vectorised max pass
-# up to this many rows argmax() reads the Q8_0 head's blocks when it has them (179 MB vs the screen's 335 MB);
-# from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster (kernels/q8_head.py)
-BLOCKS_HEAD_MAX_ROWS = 2
+# up to this many rows argmax() reads the Q8_0 head's blocks when it has them (179 MB vs the screen's 335 MB).
+# benchmarks/q8_head.py, quiet machine, 2 threads, ms for 1/2/3/4 rows: blocks 6.2/7.8/9.9/12.1, screen
+# 12.0/12.1/12.0/12.4; from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster
+BLOCKS_HEAD_MAX_ROWS = 3
 
 
 def gamma(n: int, u: float = _U32) -> float:
