@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
