@@ -156,6 +156,14 @@ def test_negative_max_waiting_is_a_usage_error(capsys):
     assert build_parser().parse_args(["serve", "--max-waiting", "0"]).max_waiting == 0
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_bad_drain_timeout_is_a_usage_error(capsys, value):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--drain-timeout", value])
+    assert e.value.code == 2 and "--drain-timeout" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--drain-timeout", "0"]).drain_timeout == 0.0
+
+
 @pytest.fixture(scope="module")
 def no_waiting(tiny_model):
     """`--max-waiting 0 --max-num-seqs 2`: two requests run at once and none may wait."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -107,7 +108,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="per-step token budget")
     s.add_argument("--max-waiting", type=non_negative_int, default=256,
                    help="requests that may wait for a running slot; beyond it they get 429")
-    s.add_argument("--drain-timeout", type=float, default=30.0,
+    s.add_argument("--drain-timeout", type=seconds, default=30.0,
                    help="seconds in-flight requests get on SIGTERM/SIGINT; then they end with finish_reason abort")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest accepted request body")
     s.add_argument("--cors-origin", action="append", default=None, help="allow this CORS origin (repeatable)")
@@ -145,6 +146,14 @@ def positive_int(s: str) -> int:
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def seconds(s: str) -> float:
+    """A finite, non-negative number of seconds (float() alone lets -1, nan and inf through)."""
+    v = float(s)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {s}")
     return v
 
 

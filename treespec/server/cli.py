@@ -25,14 +25,13 @@ FLUSH_S = 5.0  # after the drain, seconds responses get to send their last bytes
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    drain_timeout = max(args.drain_timeout, 0.0)
     settings = ServerSettings(model_name=args.served_model_name or args.model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                               max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin or [],
-                              drain_timeout=drain_timeout)
+                              drain_timeout=args.drain_timeout)
     app = create_app(None, None, settings=settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=drain_timeout + FLUSH_S)
+                            timeout_graceful_shutdown=args.drain_timeout + FLUSH_S)
     server = DrainingServer(config)
     threading.Thread(target=_load_engine, args=(app, args, server), daemon=True, name="treespec-load").start()
     # uvicorn re-raises the signal it caught once it has drained; no-op handlers make that a clean exit (status 0
