@@ -60,11 +60,18 @@ def load_gguf_weights(gguf: GGUFFile, progress: bool = False) -> GGUFWeights:
     return GGUFWeights(config, tensors, dict(Counter(t.qtype.name for t in gguf.tensors)))
 
 
-def _undo_conversion(w: torch.Tensor, gguf_name: str, layout: GGUFLayout, config: dict[str, Any]) -> torch.Tensor:
+def permuted_heads(gguf_name: str, layout: GGUFLayout, config: dict[str, Any]) -> int | None:
+    """The head count of a Q/K tensor whose rows llama.cpp permuted (undo with unpermute_qk); None otherwise."""
     if layout.permutes_qk and ".attn_q." in gguf_name:
-        return unpermute_qk(w, config["num_attention_heads"])
+        return config["num_attention_heads"]
     if layout.permutes_qk and ".attn_k." in gguf_name:
-        return unpermute_qk(w, config["num_key_value_heads"])
+        return config["num_key_value_heads"]
+    return None
+
+
+def _undo_conversion(w: torch.Tensor, gguf_name: str, layout: GGUFLayout, config: dict[str, Any]) -> torch.Tensor:
+    if (heads := permuted_heads(gguf_name, layout, config)) is not None:
+        return unpermute_qk(w, heads)
     if layout.norms_plus_one and gguf_name.endswith("norm.weight"):
         return w.sub_(1.0)
     return w

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 
 from treespec.kernels.block_layout import PackedBlocks, map_rows, pack, packable
 from treespec.models.registry import gguf_family
-from treespec.weights.gguf import unpermute_qk
+from treespec.weights.gguf import permuted_heads, unpermute_qk
 from treespec.weights.gguf_file import GGUFFile
 from treespec.weights.gguf_names import NON_PARAMETERS, hf_name
 
@@ -27,10 +27,8 @@ def load_gguf_blocks(gguf: GGUFFile, config: dict[str, Any]) -> dict[str, Packed
                 or not packable(info.qtype):
             continue
         blocks = pack(gguf.raw(info), info.qtype, info.shape)
-        heads = {".attn_q.": "num_attention_heads", ".attn_k.": "num_key_value_heads"}
-        for part, key in heads.items():
-            if layout.permutes_qk and part in info.name:
-                blocks = map_rows(blocks, lambda t, n=config[key]: unpermute_qk(t, n))
+        if (heads := permuted_heads(info.name, layout, config)) is not None:
+            blocks = map_rows(blocks, lambda t: unpermute_qk(t, heads))
         out[hf_name(info.name, layout.arch, layout.layer_names)] = blocks
     return out
 
