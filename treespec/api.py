@@ -1,10 +1,10 @@
 """The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,6 +17,7 @@ from treespec.engine.request import Request
 from treespec.errors import ConfigError, QueueFullError
 from treespec.models.registry import build_model
 from treespec.sampling import SamplingParams
+from treespec.weights.gguf_file import GGUFFile
 from treespec.weights.loader import load_checkpoint, resolve_model
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class LLM:
     """Load a model (alias, HF directory or .gguf) and generate, with or without speculation."""
 
     def __init__(self, model: str = "gemma-3-270m", speculative_config: SpecConfig | dict | str | None = None,
-                 max_model_len: int | None = None, weight_quantization: str = "none",
+                 max_model_len: int | None = None, weight_quantization: str = "auto",
                  progress: bool = False, **engine_kwargs: Any) -> None:
         config = EngineConfig(model=model, max_model_len=max_model_len,
                               weight_quantization=weight_quantization, **engine_kwargs)
@@ -50,6 +51,7 @@ class LLM:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = resolve_model(model)
+        config = dataclasses.replace(config, weight_quantization=config.weight_quantization.resolve(path.is_file()))
         blocks = config.weight_quantization is WeightQuantization.BLOCKS
         if blocks and not path.is_file():
             raise ConfigError(f"weight_quantization 'blocks' needs a GGUF model; {path} is a Hugging Face directory "
@@ -59,7 +61,7 @@ class LLM:
         self.model_config = ckpt.config
         target = build_model(ckpt.config, ckpt.tensors)
         if blocks:
-            _use_gguf_blocks(target, path, ckpt.config)
+            _use_gguf_blocks(target, ckpt.gguf, ckpt.config)
         elif config.weight_quantization is not WeightQuantization.NONE:
             from treespec.models.quant import quantize_linears
             quantize_linears(target, config.weight_quantization)
@@ -132,13 +134,11 @@ class LLM:
         return False
 
 
-def _use_gguf_blocks(target: torch.nn.Module, path: Path, config: dict[str, Any]) -> None:
+def _use_gguf_blocks(target: torch.nn.Module, gguf: GGUFFile, config: dict[str, Any]) -> None:
     """weight_quantization 'blocks': the GGUF's block-quantized projections and Q8_0 head computed from their
     blocks (exact); everything else (F32/F16 tensors, types without a kernel, no kernel here) stays fp32."""
     from treespec.models.quant_blocks import use_blocks, use_head_blocks
     from treespec.weights.gguf_blocks import load_gguf_blocks, load_head_blocks
-    from treespec.weights.gguf_file import read_gguf
-    gguf = read_gguf(path)
     swapped = use_blocks(target, load_gguf_blocks(gguf, config))
     head = use_head_blocks(target, load_head_blocks(gguf))
     log.info("weight_quantization blocks: %d projections %s; greedy head %s", swapped,

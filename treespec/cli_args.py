@@ -74,9 +74,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_weight_quantization(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weight-quantization", choices=[m.value for m in WeightQuantization], default="none",
-                   help="none: fp32 (exact); blocks: a GGUF's quantized weights used as they are stored (exact, "
-                        "less memory traffic); fp16, int8: approximate")
+    p.add_argument("--weight-quantization", choices=[m.value for m in WeightQuantization], default="auto",
+                   help="auto (default): blocks for a GGUF, none for a Hugging Face directory; none: fp32 (exact); "
+                        "blocks: a GGUF's quantized weights used as they are stored (exact, less memory traffic); "
+                        "fp16, int8: approximate")
 
 
 def add_bench_parser(sub) -> None:

@@ -54,6 +54,13 @@ class WeightQuantization(Enum):
     FP16 = "fp16"  # fp16 weights, fp32 math (fbgemm); approximate
     INT8 = "int8"  # int8 weights; approximate
     BLOCKS = "blocks"  # a GGUF's quantized weights computed from their blocks, fp32 math; exact (the GGUF's model)
+    AUTO = "auto"  # BLOCKS for a GGUF, NONE for a Hugging Face directory: the fastest exact mode for the file
+
+    def resolve(self, is_gguf: bool) -> "WeightQuantization":
+        """AUTO -> the mode it means for a GGUF (True) or a Hugging Face directory (False); others unchanged."""
+        if self is not WeightQuantization.AUTO:
+            return self
+        return WeightQuantization.BLOCKS if is_gguf else WeightQuantization.NONE
 
 
 def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
@@ -122,9 +129,9 @@ class DrafterConfig:
             if self.quantization is not WeightQuantization.NONE:
                 raise ConfigError("quantization: only the layer_skip method takes it")
             return
-        if self.quantization is WeightQuantization.BLOCKS:
+        if self.quantization in (WeightQuantization.BLOCKS, WeightQuantization.AUTO):
             raise ConfigError("quantization: a layer_skip draft takes 'none', 'fp16' or 'int8' (its layers are the "
-                              "target's; 'blocks' is a load-time mode)")
+                              f"target's; '{self.quantization.value}' is a load-time mode)")
         if self.layers is not None:
             sets = self.layers if self.layers and isinstance(self.layers[0], list) else [self.layers]
             for s in sets:
@@ -217,7 +224,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512         # per-step token budget (prefill chunks + tree nodes)
     max_waiting: int = 256                    # waiting-queue bound; beyond it submit() is refused
     kv_cache_bytes: int = 4 << 30             # KV memory all running requests may hold together
-    weight_quantization: WeightQuantization = WeightQuantization.NONE
+    weight_quantization: WeightQuantization = WeightQuantization.AUTO  # resolved by LLM when it loads the model
     num_threads: int | None = None            # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:

@@ -1,13 +1,17 @@
-"""Attention through torch's fused scaled_dot_product_attention (no softcap support)."""
+"""Attention through torch's fused scaled_dot_product_attention (no softcap support); few query rows (decoding,
+token trees) through kernels/decode_ops.attention, one C++ call without SDPA's fixed cost."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from treespec.kernels import decode_ops
+
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    scale: float, softcap: float | None = None) -> torch.Tensor:
-    """Same contract as reference_attention; softcap must be None.
+    """Same contract as reference_attention; softcap must be None. Up to decode_ops.MAX_KERNEL_ROWS query rows
+    go through the C++ kernel (every row computed alone: a tree's rows equal decoding's), more through SDPA.
 
     q: [H, n, hd]; k, v: [KV, L, hd]; mask: [n, L] bool or None. Returns [H, n, hd].
     Grouped-query attention without copying K/V: the G = H/KV query heads of one K/V head are stacked
@@ -16,6 +20,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """
     if softcap is not None:
         raise ValueError("sdpa_attention has no logit softcap; use reference_attention")
+    few_rows = decode_ops.attention(q, k, v, mask, scale)
+    if few_rows is not None:
+        return few_rows
     heads, n, hd = q.shape
     kv = k.shape[0]
     group = heads // kv

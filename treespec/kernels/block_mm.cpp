@@ -14,22 +14,13 @@
 #include <algorithm>
 #include <vector>
 
+#include "lanes.h"
+
 namespace {
 
-constexpr int kLanes = 8;
 constexpr int kTileRows = 4;        // weight rows per tile: the unit of work split between threads
 constexpr int kDirectMaxRows = 12;  // measured: re-dequantizing per 4 rows wins up to ~12-16 rows, the buffer after
 constexpr int64_t kAhead = 2;       // tiles of weight rows fetched ahead
-
-// GCC drops _mm_prefetch / __builtin_prefetch in these loops at -O1 and above (seen in the assembly); asm keeps it
-inline void prefetch(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p))); }
-
-inline float lane_sum(__m256 v) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)): fixed, whatever the caller
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int G, bool HAS_MIN>
 struct Blocks {
@@ -109,30 +100,14 @@ struct Blocks {
       }
   }
 
-  // Rows t0..t0+TR of x against NR dequantized weight rows in buf (weight rows n0..).
-  template <int NR, int TR>
-  __attribute__((noinline)) void buffered_tile(const float* buf, int64_t t0, int64_t n0) const {
-    __m256 acc[NR][TR];
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += kLanes) {
-      __m256 xv[TR];
-      for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * K + k);
-      for (int r = 0; r < NR; ++r) {
-        const __m256 wv = _mm256_loadu_ps(buf + r * K + k);
-        for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
-      }
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < TR; ++t) y[(t0 + t) * N + n0 + r] = lane_sum(acc[r][t]);
-  }
-
   template <int NR>
   void buffered_rows_of(const float* buf, int64_t n0) const {
     int64_t t = 0;
-    for (; t + 3 <= T; t += 3) buffered_tile<NR, 3>(buf, t, n0);
-    if (T - t == 2) buffered_tile<NR, 2>(buf, t, n0);
-    if (T - t == 1) buffered_tile<NR, 1>(buf, t, n0);
+    // rows t0 + t of x against weight rows n0 + r
+    auto store = [&](int64_t t0) { return [this, t0, n0](int r, int t, float v) { y[(t0 + t) * N + n0 + r] = v; }; };
+    for (; t + 3 <= T; t += 3) buffered_tile<NR, 3>(buf, x, K, t, store(t));
+    if (T - t == 2) buffered_tile<NR, 2>(buf, x, K, t, store(t));
+    if (T - t == 1) buffered_tile<NR, 1>(buf, x, K, t, store(t));
   }
 
   void buffered_rows(int64_t n0, int64_t nr, float* buf) const {

@@ -22,6 +22,7 @@ through `reference_mm`, and models/quant_blocks.use_blocks keeps the dequantized
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import platform
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 from treespec.kernels.block_layout import PackedBlocks, dequantize_packed
 
 _SOURCE = Path(__file__).with_name("block_mm.cpp")
+_HEADER = Path(__file__).with_name("lanes.h")  # shared by the kernels; its hash is a build flag, so an edit rebuilds
 # -ffp-contract=off keeps `scale * q - min` two roundings, as the reference rounds it
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _NO_MIN = torch.empty(0)
@@ -51,11 +53,13 @@ def compiled() -> ModuleType | None:
 def build(source: Path) -> ModuleType | None:
     """Compile (once per machine and torch version, cached by torch) and load one kernel source; None, logged,
     where that fails. Callers check for AVX2 first (compiled())."""
-    name = f"treespec_{source.stem}"
+    # one build per source path (checkouts side by side never rebuild each other's), and per version of lanes.h
+    name = f"treespec_{source.stem}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
     log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
     try:
         from torch.utils import cpp_extension
-        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=_CFLAGS,
+        header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)

@@ -17,21 +17,15 @@
 #include <limits>
 #include <vector>
 
+#include "lanes.h"
+
 namespace {
 
-constexpr int kLanes = 8;
 constexpr int kGroup = 32;
 constexpr int kTileRows = 4;        // weight rows dequantized together
 constexpr int kDirectMaxRows = 12;  // as block_mm.cpp: up to here re-dequantize per 4 rows, beyond use a buffer
 constexpr int64_t kSlices = 256;    // vocabulary slices, each with its own top-K (fixed: thread-independent)
 constexpr int64_t kAhead = 2;       // tiles of codes fetched ahead (measured: 2 best of 2, 8, 32)
-
-inline float lane_sum(__m256 v) {  // ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)), as block_mm.cpp
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // A row's K best logits so far, best first. Offered in increasing id order, an equal value goes after the ones
 // kept before it, so the list is ordered by (value descending, id ascending), like a stable sort.
@@ -71,8 +65,6 @@ struct Head {
       for (int line = 0; line < nr * (K / kGroup) * 2; line += 64)
         prefetch(reinterpret_cast<const char*>(d + n * (K / kGroup)) + line);
   }
-  // GCC drops _mm_prefetch / __builtin_prefetch here at -O1 and above (seen in the assembly); asm keeps it
-  static void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
 
   // out[t0 + t][c + r] = logit of x row t0 + t and weight row n0 + r, dequantizing in registers
   template <int NR, int TR>
@@ -95,24 +87,6 @@ struct Head {
     }
     for (int r = 0; r < NR; ++r)
       for (int t = 0; t < TR; ++t) out[t0 + t][c + r] = lane_sum(acc[r][t]);
-  }
-
-  // the same logits from NR weight rows already dequantized into buf [NR, K]
-  template <int NR, int TR>
-  __attribute__((noinline)) void buffered_tile(const float* buf, int64_t t0, float out[][kTileRows]) const {
-    __m256 acc[NR][TR];
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += kLanes) {
-      __m256 xv[TR];
-      for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * K + k);
-      for (int r = 0; r < NR; ++r) {
-        const __m256 wv = _mm256_loadu_ps(buf + r * K + k);
-        for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
-      }
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < TR; ++t) out[t0 + t][r] = lane_sum(acc[r][t]);
   }
 
   // out[t][r] for all T rows and the nr (<= 4) weight rows from n0
@@ -138,9 +112,10 @@ struct Head {
           _mm256_storeu_ps(buf + r * K + k, weights8(n0 + r, k, s));
       }
     int64_t t = 0;
-    for (; t + 3 <= T; t += 3) buffered_tile<kTileRows, 3>(buf, t, out);
-    if (T - t == 2) buffered_tile<kTileRows, 2>(buf, t, out);
-    if (T - t == 1) buffered_tile<kTileRows, 1>(buf, t, out);
+    auto store = [out](int64_t t0) { return [out, t0](int r, int t, float v) { out[t0 + t][r] = v; }; };
+    for (; t + 3 <= T; t += 3) buffered_tile<kTileRows, 3>(buf, x, K, t, store(t));
+    if (T - t == 2) buffered_tile<kTileRows, 2>(buf, x, K, t, store(t));
+    if (T - t == 1) buffered_tile<kTileRows, 1>(buf, x, K, t, store(t));
   }
 
   // Weight rows [n_begin, n_end): logits into y [T, N], or each row's top-K into val/id [T, k].

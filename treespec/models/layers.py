@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from treespec.attention import AttentionFn
 from treespec.attention.metadata import SeqAttention
+from treespec.kernels import decode_ops
 from treespec.models.config import Activation, ModelConfig, RopeConfig, RopeType
 from treespec.models.matmul import PACK_MIN_NUMEL, PACKED_MIN_ROWS, few_rows_linear, pack_weight, packed_linear
 
@@ -103,10 +104,8 @@ def _split(linear: Linear, names: tuple[str, ...], rows: tuple[int, ...]) -> dic
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., d] normalised over its last dim, times weight (broadcast against x: one row per head is fine).
-    A [d] weight goes into the fused op (one op instead of two: decoding runs ~90 of these per token)."""
-    if weight.dim() == 1:
-        return F.rms_norm(x, x.shape[-1:], weight, eps)
-    return F.rms_norm(x, x.shape[-1:], eps=eps) * weight
+    One C++ call where the kernel is built (decoding runs ~90 of these per token: kernels/decode_ops.py)."""
+    return decode_ops.rms_norm(x, weight, eps)
 
 
 class RMSNorm(HFLoadable):
