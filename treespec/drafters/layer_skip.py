@@ -79,8 +79,9 @@ class LayerSkipView:
 
 
 def _nbytes(module: torch.nn.Module) -> int:
-    """Weight bytes a forward of `module` reads (quantized linears hold theirs outside the parameters)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
+    """Weight bytes a forward of `module` reads: parameters, buffers (block-quantized linears keep their codes
+    and scales there) and quantized linears' packed weights (held outside both)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())) + \
         sum(m.weight_nbytes for m in module.modules() if isinstance(m, QuantLinear))
 
 
