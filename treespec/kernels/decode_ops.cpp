@@ -93,21 +93,22 @@ void check_rows(const torch::Tensor& t, const char* what) {
 
 }  // namespace
 
-// x: [B, P, D] fp32 (rows may be strided, each [P, D] block contiguous), w: [P, D] fp32 -> [B, P, D]
+// x: [..., D] fp32 with w: [D], or [..., P, D] with w: [P, D] (one weight row per head) -> x's shape, contiguous.
+// x contiguous, or 3-D with each [P, D] block contiguous and the blocks strided (q/k heads of a fused q/k/v).
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 3 && x.stride(2) == 1 &&
-              (x.size(1) == 1 || x.stride(1) == x.size(2)),
-              "x: [B, P, D] fp32, each row's [P, D] contiguous");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(0) == x.size(1) &&
-              w.size(1) == x.size(2), "w: [P, D] fp32 contiguous");
-  const int64_t B = x.size(0), P = x.size(1), D = x.size(2);
-  TORCH_CHECK(D % kLanes == 0, "D must be a multiple of 8");
-  auto y = torch::empty({B, P, D}, x.options());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat && w.is_contiguous() &&
+              (w.dim() == 1 || w.dim() == 2) && x.dim() >= w.dim(), "x, w: fp32, w [D] or [P, D] contiguous");
+  const int64_t P = w.dim() == 1 ? 1 : w.size(0), D = w.size(-1);
+  TORCH_CHECK(x.size(-1) == D && (P == 1 || x.size(-2) == P) && D % kLanes == 0, "x: [..., P, D], D % 8 == 0");
+  const bool blocks = x.dim() == 3 && x.stride(2) == 1 && (P == 1 ? x.size(1) == 1 : x.stride(1) == D);
+  if (!x.is_contiguous() && !blocks) x = x.contiguous();
+  const int64_t B = x.numel() / (P * D), stride = x.is_contiguous() ? P * D : x.stride(0);
+  auto y = torch::empty(x.sizes(), x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, B, std::max<int64_t>(1, 65536 / (P * D)), [&](int64_t b0, int64_t b1) {
-    rms_rows(xp, x.stride(0), wp, yp, B, P, D, static_cast<float>(eps), b0, b1);
+    rms_rows(xp, stride, wp, yp, B, P, D, static_cast<float>(eps), b0, b1);
   });
   return y;
 }

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from treespec.kernels.block_mm import build, compiled as block_kernel_compiled
 
 _SOURCE = Path(__file__).with_name("decode_ops.cpp")
+_NO_MASK = torch.empty(0, dtype=torch.bool)
 MAX_KERNEL_ROWS = 64  # query rows per request: trees up to this size score every row like a decode step
 
 
@@ -31,17 +32,13 @@ def compiled() -> ModuleType | None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x: [..., P, D] or [..., D]
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim; weight [D], or [P, D] for x's last two dims."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim; weight [D], or [P, D] for x's last two dims.
+    The checks stay few: at one row this wrapper costs more than the kernel (~1 us)."""
     ext = compiled()
-    d = x.shape[-1]
-    p = 1 if weight.dim() == 1 else weight.shape[0]
-    if ext is None or x.dtype != torch.float32 or d % 8 or x.requires_grad or weight.requires_grad \
-            or x.numel() == 0:
+    if ext is None or x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.shape[-1] % 8 \
+            or x.requires_grad or weight.requires_grad or not weight.is_contiguous() or x.numel() == 0:
         return reference_rms_norm(x, weight, eps)
-    rows = x if x.dim() == 3 and p > 1 else x.reshape(-1, p, d)  # [B, P, D]: B may be strided (q/k of fused qkv)
-    if rows.stride(-1) != 1 or (p > 1 and rows.stride(-2) != d):
-        rows = rows.contiguous()
-    return ext.rms_norm(rows, weight.reshape(p, d).float().contiguous(), eps).view(x.shape)
+    return ext.rms_norm(x, weight, eps)
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,7 +57,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
             or q.requires_grad or k.requires_grad or v.requires_grad:
         return None
-    m = torch.empty(0, dtype=torch.bool) if mask is None else mask
+    m = _NO_MASK if mask is None else mask
     if m.numel() and m.stride(-1) != 1:
         m = m.contiguous()
     return ext.attention(q, k, v, m, scale)
