@@ -13,7 +13,8 @@ from serving_tiny import save_tiny_model_dir
 from tiny_gguf import write_model
 from treespec import LLM, SamplingParams
 from treespec.cli_args import build_parser
-from treespec.config import DrafterConfig
+from treespec.config import DrafterConfig, WeightQuantization
+from treespec.drafters.layer_skip import _nbytes
 from treespec.errors import ConfigError
 from treespec.kernels.q8_head import compiled as head_kernel
 from treespec.models.quant_blocks import BlockQuantLinear
@@ -102,3 +103,24 @@ def test_without_a_q8_0_head_the_body_still_runs_from_blocks(tmp_path: Path) -> 
     assert any(isinstance(m, BlockQuantLinear) for m in llm.target.modules())
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     assert generate(llm, params, False) == generate(LLM(str(path)), params, False)
+
+
+def test_auto_is_the_default_blocks_for_a_gguf_fp32_for_hugging_face(blocks_llm: LLM, gguf_path: Path,
+                                                                        tmp_path: Path) -> None:
+    gguf_llm = LLM(str(gguf_path))
+    assert gguf_llm.config.weight_quantization is WeightQuantization.BLOCKS
+    assert any(isinstance(m, BlockQuantLinear) for m in gguf_llm.target.modules())
+    hf_llm = LLM(str(save_tiny_model_dir(tmp_path / "hf")))
+    assert hf_llm.config.weight_quantization is WeightQuantization.NONE
+    assert not any(isinstance(m, BlockQuantLinear) for m in hf_llm.target.modules())
+    assert build_parser().parse_args(["generate", "hi"]).weight_quantization == "auto"
+    with pytest.raises(ConfigError, match="layer_skip draft"):
+        DrafterConfig.from_dict({"method": "layer_skip", "quantization": "auto"})
+
+
+def test_a_self_draft_over_block_layers_counts_their_bytes(blocks_llm: LLM) -> None:
+    """LayerSkipView.cost (the bandit's price of a draft forward) sees the codes and scales held as buffers."""
+    layer = blocks_llm.target.layers[0]
+    block_bytes = sum(m.blocks.nbytes for m in layer.modules() if isinstance(m, BlockQuantLinear))
+    assert block_bytes > 0
+    assert _nbytes(layer) >= block_bytes
