@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Callable
@@ -107,6 +108,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     require(Extra.SERVE, "treespec serve")
+    if args.data_parallel_size > 1:
+        # read when Ray is first imported: its C++ failure-signal handler would print a stack for the SIGTERM that
+        # starts our drain and end the process with an abort (status -6) once the drain is done
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        require(Extra.DISTRIBUTED, "treespec serve --data-parallel-size")
     from treespec.server.cli import cmd_serve
     return cmd_serve(args)
 

@@ -112,6 +112,12 @@ def add_serve_parser(sub) -> None:
                    help="seconds in-flight requests get on SIGTERM/SIGINT; then they end with finish_reason abort")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest accepted request body")
     s.add_argument("--cors-origin", action="append", default=None, help="allow this CORS origin (repeatable)")
+    s.add_argument("--data-parallel-size", type=positive_int, default=1,
+                   help="K engines behind this endpoint as a Ray Serve application (the 'distributed' extra); "
+                        "1: this process serves alone")
+    s.add_argument("--ray-address", default=None,
+                   help="Ray cluster for the replicas (default: $RAY_ADDRESS, else a local cluster of this "
+                        "machine's CPUs, stopped on exit)")
 
 
 def add_distill_parser(sub) -> None:
