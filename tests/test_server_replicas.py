@@ -3,6 +3,7 @@ by the official openai client; /metrics sums the replicas; 429 once both are ful
 finish and leaves no process behind (Ray's included)."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -19,9 +20,15 @@ from serving_tiny import save_tiny_model_dir
 from test_server_cli import KEY, free_port, in_engine, start_streams
 
 from treespec.cli import main
+from treespec.engine.async_engine import EngineSnapshot, RequestDelta
+from treespec.engine.engine import StepStats
+from treespec.engine.request import FinishReason
+from treespec.errors import EngineClosedError, QueueFullError
+from treespec.sampling import SamplingParams
 
 pytestmark = [pytest.mark.distributed,
-              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the 'distributed' extra")]
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the 'distributed' extra"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray Serve's own pydantic use
 
 
 def process_table() -> dict[int, tuple[int, int, str]]:
@@ -133,9 +140,6 @@ def test_more_replicas_than_cpus_is_a_usage_error(capsys, monkeypatch):
 
 
 def test_snapshots_are_summed_field_by_field_and_position_by_position():
-    from treespec.engine.async_engine import EngineSnapshot
-    from treespec.engine.engine import StepStats
-    from treespec.engine.request import FinishReason
     from treespec.server.replicas.pool import sum_snapshots
     a = EngineSnapshot(1, 2, StepStats(num_steps=3, num_drafts=1, num_draft_tokens=4, num_accepted_tokens=2,
                                        accepted_per_position=[1, 1], num_prompt_tokens=5, num_generation_tokens=6),
@@ -149,3 +153,71 @@ def test_snapshots_are_summed_field_by_field_and_position_by_position():
     assert total.finished == {FinishReason.LENGTH: 3, FinishReason.ABORT: 1}
     assert a.stats.accepted_per_position == [1, 1]  # the replicas' snapshots are left as they were
     assert sum_snapshots([]) == EngineSnapshot()
+
+
+class FakeReplicaCall:
+    """Stands in for Ray Serve's DeploymentResponseGenerator: yields the items given (raising any exception among
+    them), then waits until cancelled, like a replica still generating."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.cancelled = list(items), False
+        self._wake = asyncio.Event()
+
+    async def __anext__(self):
+        from ray.serve.exceptions import RequestCancelledError
+        if self.items:
+            item = self.items.pop(0)
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        await self._wake.wait()
+        raise RequestCancelledError("cancelled")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake.set()
+
+
+class FakeHandle:
+    def __init__(self, calls: list[FakeReplicaCall]) -> None:
+        self.calls = calls
+
+    def options(self, stream: bool) -> "FakeHandle":
+        return self
+
+    @property
+    def generate(self) -> "FakeHandle":
+        return self
+
+    def remote(self, *args) -> FakeReplicaCall:
+        return self.calls.pop(0)
+
+
+def delta(index: int, text: str, finish: bool = False) -> RequestDelta:
+    return RequestDelta(index, text, [1], 0.0, FinishReason.LENGTH if finish else None)
+
+
+def test_pool_gates_on_capacity_and_ends_streams_on_abort_and_on_a_dead_replica():
+    from ray.exceptions import RayError
+
+    from treespec.server.replicas.pool import ReplicaPool
+
+    async def scenario() -> None:
+        dying = FakeReplicaCall([None, delta(0, "a"), RayError("the replica's process died")])
+        draining = FakeReplicaCall([None, delta(0, "b"), delta(1, "c", finish=True)])
+        pool = ReplicaPool(FakeHandle([dying, draining]), None, 100, num_replicas=1, replica_capacity=3)
+        first = await pool.submit([1], SamplingParams(max_tokens=4), "r1", True)
+        second = await pool.submit([1], SamplingParams(max_tokens=4, n=2), "r2", True)
+        with pytest.raises(QueueFullError):  # 1 + 2 choices in flight fill the one replica
+            await pool.submit([1], SamplingParams(max_tokens=4), "r3", True)
+        got = [d async for d in first]
+        assert [d.text for d in got] == ["a", ""] and got[-1].finish_reason is FinishReason.ERROR
+        assert "the replica's process died" in got[-1].error and dying.cancelled
+        assert [(await second.__anext__()).text, (await second.__anext__()).text] == ["b", "c"]  # choice 1 done
+        await pool.shutdown(drain_timeout=0.05)  # choice 0 still runs at the deadline
+        rest = [d async for d in second]
+        assert [(d.index, d.finish_reason) for d in rest] == [(0, FinishReason.ABORT)] and draining.cancelled
+        with pytest.raises(EngineClosedError):
+            await pool.submit([1], SamplingParams(max_tokens=4), "r4", True)
+
+    asyncio.run(scenario())

@@ -1,0 +1,113 @@
+"""Serving throughput of `treespec serve --data-parallel-size 2` (two engine replicas on a local Ray cluster, one
+thread each) against one engine (`treespec serve`, two threads), side by side in one run: the same load generator
+as `treespec bench --mode serve` (closed-loop streaming chat clients over Spec-Bench prompts, greedy), each server
+a fresh process started here and stopped with SIGTERM. --rounds 2 runs A B A B to show the run-to-run noise.
+
+    OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/dp.py \\
+        [--model gemma-3-270m] [--concurrency 16] [--max-tokens 64] [--rounds 1] [--ngram]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from treespec.bench.dataset import load_prompts
+from treespec.bench.serve import LevelResult, interleave, run_level
+
+SETUPS: dict[str, list[str]] = {  # name -> serve flags; both use the machine's two cores
+    "one engine, 2 threads": ["--threads", "2"],
+    "DP=2, 1 thread each": ["--data-parallel-size", "2", "--threads", "1"],
+}
+START_TIMEOUT_S = 900.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, flags: list[str]) -> tuple[subprocess.Popen, str, float]:
+    """`treespec serve` in its own session; returns once /health is 200 (with the seconds that took)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "treespec.cli", "serve", "--model", args.model, "--port", str(port),
+           "--max-num-seqs", str(args.concurrency), *flags, *(["--ngram"] if args.ngram else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base, t0 = f"http://127.0.0.1:{port}", time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"`{' '.join(cmd)}` exited with status {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base, time.monotonic() - t0
+        except httpx.TransportError:
+            pass
+        if time.monotonic() - t0 > START_TIMEOUT_S:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit(f"`{' '.join(cmd)}` was not ready after {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def measure(args: argparse.Namespace, name: str, flags: list[str], prompts: list[str]) -> LevelResult:
+    proc, base, ready_s = start_server(args, flags)
+    try:
+        asyncio.run(run_level(base, args.model, prompts[:2], 2, 8, chat=True))  # warm-up, not counted
+        traces, errors, wall = asyncio.run(run_level(base, args.model, prompts, args.concurrency, args.max_tokens,
+                                                     chat=True))
+    finally:
+        stop_server(proc)
+    result = LevelResult(name, args.concurrency, len(traces), sum(t.num_tokens for t in traces), wall, traces,
+                         errors)
+    print(f"{name}: ready after {ready_s:.0f} s; {result.num_tokens} tokens in {wall:.1f} s = "
+          f"{result.throughput:.1f} tokens/s, {len(errors)} errors", flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--concurrency", type=int, default=16, help="streaming clients")
+    ap.add_argument("--requests", type=int, default=None, help="requests in all (default 2 x concurrency)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1, help="A B pairs, run in turn")
+    ap.add_argument("--ngram", action="store_true", help="serve with n-gram speculation (both setups)")
+    args = ap.parse_args()
+    count = args.requests or 2 * args.concurrency
+    prompts = [p.text for p in interleave(load_prompts(None, -(-count // 6)))][:count]
+    results: dict[str, list[LevelResult]] = {name: [] for name in SETUPS}
+    for _ in range(args.rounds):
+        for name, flags in SETUPS.items():
+            results[name].append(measure(args, name, flags, prompts))
+    base = [r.throughput for r in results[next(iter(SETUPS))]]
+    print(f"\n{args.model}, {args.concurrency} streams, {count} greedy chat requests of {args.max_tokens} tokens"
+          f"{', n-gram speculation' if args.ngram else ''}; {os.cpu_count()} CPUs")
+    print("| setup | round | tokens/s | vs one engine | TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, runs in results.items():
+        for i, r in enumerate(runs):
+            print(f"| {name} | {i + 1} | {r.throughput:.1f} | x{r.throughput / base[i]:.2f} | {1000 * r.ttft(50):.0f} "
+                  f"| {1000 * r.itl(50):.1f} | {1000 * r.itl(99):.1f} | {len(r.errors)} |")
+    for name, runs in results.items():
+        for e in sorted({e for r in runs for e in r.errors}):
+            print(f"{name} error: {e}")
+
+
+if __name__ == "__main__":
+    main()
