@@ -2,6 +2,8 @@
 thread each) against one engine (`treespec serve`, two threads), side by side in one run: the same load generator
 as `treespec bench --mode serve` (closed-loop streaming chat clients over Spec-Bench prompts, greedy), each server
 a fresh process started here and stopped with SIGTERM. --rounds 2 runs A B A B to show the run-to-run noise.
+Ray's memory monitor is off for these servers (RAY_memory_monitor_refresh_ms=0): on a shared machine it counts
+every process's memory toward its 95% threshold and kills replicas (and Serve's controller) for others' use.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/dp.py \\
         [--model gemma-3-270m] [--concurrency 16] [--max-tokens 64] [--rounds 1] [--ngram]
@@ -40,7 +42,9 @@ def start_server(args: argparse.Namespace, flags: list[str]) -> tuple[subprocess
     port = free_port()
     cmd = [sys.executable, "-m", "treespec.cli", "serve", "--model", args.model, "--port", str(port),
            "--max-num-seqs", str(args.concurrency), *flags, *(["--ngram"] if args.ngram else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     base, t0 = f"http://127.0.0.1:{port}", time.monotonic()
     while True:
         if proc.poll() is not None:

@@ -130,13 +130,15 @@ def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_more_replicas_than_cpus_is_a_usage_error(capsys, monkeypatch):
+def test_more_replicas_than_cpus_and_a_needless_ray_address_are_usage_errors(capsys, monkeypatch):
     """A local cluster gets this machine's CPUs; replicas that cannot all be placed are refused before starting."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     too_many = len(os.sched_getaffinity(0)) + 1
     assert main(["serve", "--data-parallel-size", str(too_many), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--data-parallel-size" in err[0] and "CPUs" in err[0]
+    assert main(["serve", "--ray-address", "auto", "--port", "0"]) == 2  # only the replicas use Ray
+    assert capsys.readouterr().err.strip() == "treespec: error: --ray-address: only used with --data-parallel-size > 1"
 
 
 def test_snapshots_are_summed_field_by_field_and_position_by_position():

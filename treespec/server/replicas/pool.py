@@ -21,8 +21,14 @@ from ray.serve.exceptions import RequestCancelledError
 from treespec.engine.async_engine import EngineSnapshot, RequestDelta
 from treespec.engine.engine import StepStats
 from treespec.engine.request import FinishReason
-from treespec.errors import EngineClosedError, QueueFullError
+from treespec.errors import EngineClosedError, QueueFullError, TreespecError
 from treespec.sampling import SamplingParams
+
+
+def describe(error: BaseException) -> str:
+    """One line for a Ray error (their messages run to pages: tracebacks, memory reports)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def sum_snapshots(snapshots: list[EngineSnapshot]) -> EngineSnapshot:
@@ -74,7 +80,7 @@ class ReplicaStream:
             self._end()
             raise StopAsyncIteration from None
         except RayError as e:
-            self._end_all(FinishReason.ERROR, f"replica failed: {type(e).__name__}: {e}")
+            self._end_all(FinishReason.ERROR, f"replica failed: {describe(e)}")
             return self._endings.popleft()
         if delta.finish_reason is not None:
             # (a choice that finished while abort() was ending it keeps its real end)
@@ -138,10 +144,11 @@ class ReplicaPool:
         except BaseException as e:
             self._in_flight -= params.n
             generator.cancel()  # (a no-op once the replica raised; the client went away otherwise)
-            if isinstance(e, RayTaskError):  # ConfigError, QueueFullError, ...: raised as the engine raised it
-                raise e.cause from None
-            if isinstance(e, RayError):
-                raise EngineClosedError(f"no replica could take the request: {type(e).__name__}: {e}") from None
+            cause = e.cause if isinstance(e, RayTaskError) else e
+            if isinstance(cause, TreespecError):  # ConfigError, QueueFullError, ...: as the engine raised it
+                raise cause from None
+            if isinstance(cause, RayError):  # no replica to take it (died, killed for memory, ...)
+                raise EngineClosedError(f"no replica could take the request: {describe(cause)}") from None
             raise
         stream = ReplicaStream(generator, params.n, self._ended)
         self._streams.add(stream)
