@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from treespec.server.replicas.cluster import ReplicaCluster
 
 FLUSH_S = 5.0  # after the drain, seconds responses get to send their last bytes before uvicorn cancels them
+RAY_STOP_TIMEOUT_S = 30.0  # --data-parallel-size: seconds the replicas' teardown gets after the drain
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -59,7 +60,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if replicas is not None:  # the HTTP side has drained: now stop the replicas and Ray
             replicas.stop()
-            load.join()
+            # (a thread still starting them, or a Ray already killed under it, may never return: exiting then
+            # still takes Ray's local processes down, by the parent-death signal they were started with)
+            load.join(RAY_STOP_TIMEOUT_S)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if app.state.load_error is None else 1
@@ -99,6 +102,8 @@ def _run_replicas(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server
         print(f"treespec: ready after {time.monotonic() - t0:.1f} s: serving on http://{args.host}:{args.port}",
               flush=True)
     except Exception as e:  # noqa: BLE001 - as in _load_engine: one line, then the server stops
+        if replicas.stopping:  # SIGTERM while starting: a stop, not a failure
+            return
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         app.state.load_error = f"{type(e).__name__}: {message}"
         print(f"treespec: error: could not start the replicas of {args.model}: {message}", flush=True)

@@ -106,3 +106,7 @@ class ReplicaCluster:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
