@@ -1,0 +1,113 @@
+"""Starting and losing ranks: torchrun launches, a worker that dies fails its requests with a clear error (never a
+hang), and startup failures (a rank that never joins, a port in use) are one line."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from serving_tiny import save_tiny_model_dir
+from test_drafter_model import StubTokenizer
+from tiny_hf import hf_model
+
+from treespec.config import EngineConfig
+from treespec.distributed.launch import start_parallel
+from treespec.distributed.source import TensorsSource
+from treespec.engine.engine import LLMEngine
+from treespec.errors import DistributedError
+from treespec.models.registry import build_model
+from treespec.sampling import SamplingParams
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dead_worker_fails_its_requests_with_a_clear_error():
+    hf = hf_model("llama")
+    config, tensors = hf.config.to_dict(), hf.state_dict()
+    target = start_parallel(TensorsSource(config, tensors), EngineConfig(model="tiny", tensor_parallel_size=2),
+                            build_model(config, tensors))
+    try:
+        engine = LLMEngine(target, StubTokenizer(), EngineConfig(model="tiny"))
+        params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+        req = engine.add_request([1, 2, 3], params)
+        engine.step()  # prefill
+        target.workers.processes[0].kill()
+        target.workers.processes[0].wait()
+        while engine.has_unfinished():
+            engine.step()
+        assert req.finish_reason.value == "error"
+        assert "rank 1 (exit code -9) died" in req.error
+        late = engine.add_request([4, 5], params)  # later requests fail at once too, with the same reason
+        engine.step()
+        assert late.finish_reason.value == "error" and "died" in late.error
+    finally:
+        target.shutdown()
+
+
+def _external(monkeypatch, port: int, timeout_s: str = "60") -> None:
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": "0",
+                 "TREESPEC_DIST_TIMEOUT": timeout_s}.items():
+        monkeypatch.setenv(k, v)
+
+
+def _start_external() -> None:
+    hf = hf_model("llama")
+    config, tensors = hf.config.to_dict(), hf.state_dict()
+    start_parallel(TensorsSource(config, tensors), EngineConfig(model="tiny", tensor_parallel_size=2,
+                                                                distributed_executor_backend="external_launcher"),
+                   build_model(config, tensors))
+
+
+def test_rank_that_never_joins_is_a_one_line_timeout(monkeypatch):
+    _external(monkeypatch, free_port(), timeout_s="2")
+    t0 = time.monotonic()
+    with pytest.raises(DistributedError,
+                       match=r"rank 0 could not join .*\(2 ranks, timeout 2 s.*1/2 clients joined") as e:
+        _start_external()
+    assert time.monotonic() - t0 < 30 and "\n" not in str(e.value)
+
+
+def test_port_in_use_is_a_one_line_error(monkeypatch):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        _external(monkeypatch, busy.getsockname()[1], timeout_s="5")
+        with pytest.raises(DistributedError, match="could not join") as e:
+            _start_external()
+    assert "\n" not in str(e.value)
+
+
+def test_cli_without_torchrun_is_a_one_line_error(model_dir):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-m", "treespec.cli", "generate", "hi", "--model", str(model_dir),
+                          "-tp", "2", "--distributed-executor-backend", "external_launcher"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "torchrun" in out.stderr
+
+
+def test_torchrun_launch_equals_one_process(model_dir):
+    args = ["generate", "the cat sat on the mat", "--model", str(model_dir), "--max-tokens", "16", "--json",
+            "--threads", "1", "--ngram"]
+    one = subprocess.run([sys.executable, "-m", "treespec.cli", *args], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "treespec.cli", *args, "-tp", "2",
+                          "--distributed-executor-backend", "external_launcher"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    tokens = lambda out: json.loads(out[out.index("{"):])["speculative"]["token_ids"]  # noqa: E731
+    assert tokens(run.stdout) == tokens(one.stdout)
