@@ -70,9 +70,11 @@ def serve_as_worker(source: ModelSource, config: EngineConfig) -> None:
     run_worker(rank, rendezvous, source, ParallelPlan.from_config(config))
 
 
-def start_parallel(source: ModelSource, config: EngineConfig, model: CausalLM) -> ParallelTarget:
-    """Start the other ranks, join them, keep rank 0's shard of `model` (the full target, built here)."""
-    plan = ParallelPlan.from_config(config)
+def start_parallel(source: ModelSource, config: EngineConfig, model: CausalLM,
+                   plan: ParallelPlan | None = None) -> ParallelTarget:
+    """Start the other ranks, join them, keep rank 0's shard of `model` (the full target, built here).
+    plan: the split (default: the config's sizes; benchmarks vary its micro-batches)."""
+    plan = plan or ParallelPlan.from_config(config)
     plan.check(model.config, source.weight_quantization)
     backend = config.distributed_executor_backend
     if backend is ExecutorBackend.EXTERNAL_LAUNCHER:

@@ -41,7 +41,8 @@ def micro_batches(seqs: list[SeqAttention], count: int) -> list[tuple[int, int]]
 class PipelineStage:
     """This rank's stage: its layers (renumbered from 0 for its own caches), embedding on the first, norm on the last."""
 
-    def __init__(self, model: CausalLM, rank: int, size: int, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, model: CausalLM, rank: int, size: int, micro_batches: int,
+                 group: dist.ProcessGroup | None = None) -> None:
         layers = stage_layers(model.config.num_layers, size)[rank]
         model.layers = torch.nn.ModuleList(model.layers[i] for i in layers)
         for local, block in enumerate(model.layers):
@@ -50,6 +51,7 @@ class PipelineStage:
             model.lm_head = None  # rank 0 verifies
             model.embed_tokens = None
         self.model, self.rank, self.size, self.group = model, rank, size, group
+        self.micro_batches = micro_batches
         self.hidden = model.config.hidden_size
         attn = model.layers[0].self_attn
         self.cache_layout = (len(model.layers), attn.kv_heads, attn.head_dim)  # this stage's layers only
@@ -57,7 +59,7 @@ class PipelineStage:
     def run(self, inputs: StepInputs, seqs: list[SeqAttention]) -> torch.Tensor | None:
         """Run this stage on every micro-batch; rank 0 returns the final hidden states [T, D], the others None."""
         last, sends, outputs = self.size - 1, [], []
-        for first, end in micro_batches(seqs, self.size):
+        for first, end in micro_batches(seqs, self.micro_batches):
             r0 = seqs[first].start
             r1 = seqs[end - 1].start + seqs[end - 1].n
             mb = [SeqAttention(s.cache, s.start - r0, s.n, s.tree_mask) for s in seqs[first:end]]

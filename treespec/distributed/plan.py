@@ -17,6 +17,7 @@ from treespec.models.config import ModelConfig
 class ParallelPlan:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    micro_batches: int | None = None  # pipeline: most micro-batches a forward is cut into (None: one per stage)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "ParallelPlan":
@@ -48,4 +49,5 @@ class ParallelPlan:
             source.quantize(model)  # after the split: each shard quantizes its own rows
             return TensorParallelShard(model)
         source.quantize(model)  # before the split: whole layers, as one process has them
-        return PipelineStage(model, rank, self.pipeline_parallel_size)
+        stages = self.pipeline_parallel_size
+        return PipelineStage(model, rank, stages, self.micro_batches or stages)

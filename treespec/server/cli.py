@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from treespec.api import LLM
 from treespec.cli_args import API_KEY_ENV, parallel_kwargs, spec_from_args
+from treespec.config import ExecutorBackend
 from treespec.engine.async_engine import AsyncEngine
 from treespec.server.app import DrainingServer, ServerSettings, attach_engine, create_app
 
@@ -25,6 +26,9 @@ FLUSH_S = 5.0  # after the drain, seconds responses get to send their last bytes
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.distributed_executor_backend == ExecutorBackend.EXTERNAL_LAUNCHER.value and int(os.environ.get("RANK", 0)):
+        _make_llm(args)  # a torchrun rank > 0 serves rank 0's forwards (no HTTP) and exits when rank 0 stops
+        return 0
     settings = ServerSettings(model_name=args.served_model_name or args.model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                               max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin or [],
@@ -54,10 +58,7 @@ def _load_engine(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server)
           f"/health answers 503 until it is ready", flush=True)
     t0 = time.monotonic()
     try:
-        llm = LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
-                  weight_quantization=args.weight_quantization, num_threads=args.threads,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_waiting=args.max_waiting, **parallel_kwargs(args))
+        llm = _make_llm(args)
         attach_engine(app, AsyncEngine(llm.engine), llm.tokenizer)
         print(f"treespec: ready after {time.monotonic() - t0:.1f} s: serving on http://{args.host}:{args.port}",
               flush=True)
@@ -65,3 +66,10 @@ def _load_engine(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server)
         app.state.load_error = f"{type(e).__name__}: {e}"
         print(f"treespec: error: could not load {args.model}: {e}", flush=True)
         server.should_exit = True
+
+
+def _make_llm(args: argparse.Namespace) -> LLM:
+    return LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
+               weight_quantization=args.weight_quantization, num_threads=args.threads,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_waiting=args.max_waiting, **parallel_kwargs(args))
