@@ -111,3 +111,28 @@ def test_torchrun_launch_equals_one_process(model_dir):
     assert run.returncode == 0, run.stderr[-2000:]
     tokens = lambda out: json.loads(out[out.index("{"):])["speculative"]["token_ids"]  # noqa: E731
     assert tokens(run.stdout) == tokens(one.stdout)
+
+
+def test_ray_backend_places_the_workers_and_equals_one_process(model_dir):
+    from treespec import LLM
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = ["the cat sat on the mat. the cat sat on the", "hello"]
+    expected = [o.token_ids for o in LLM(str(model_dir)).generate(prompts, params)]
+    llm = LLM(str(model_dir), tensor_parallel_size=2, distributed_executor_backend="ray", num_threads=1)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    finally:
+        llm.close()
+        import ray
+        ray.shutdown()
+
+
+def test_ray_backend_without_ray_is_a_one_line_error(model_dir):
+    from test_lean_install import run_lean
+    proc = run_lean(f"""
+from treespec.cli import main
+raise SystemExit(main(["generate", "hi", "--model", {str(model_dir)!r}, "-tp", "2",
+                       "--distributed-executor-backend", "ray"]))
+""", blocked=("ray",))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\\n") == 0, proc.stderr
+    assert "pip install 'treespec[distributed]'" in proc.stderr

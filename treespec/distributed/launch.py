@@ -22,6 +22,7 @@ from treespec.distributed.source import ModelSource
 from treespec.distributed.target import ParallelTarget, Workers
 from treespec.distributed.worker import run_worker, worker_process
 from treespec.errors import DistributedError
+from treespec.extras import Extra, require
 from treespec.models.base import CausalLM
 
 
@@ -54,7 +55,9 @@ class ExternalWorkers:
 
 
 def launched_rank(config: EngineConfig) -> int:
-    """This process's rank: 0 unless torchrun started it as a worker."""
+    """This process's rank: 0 unless torchrun started it as a worker (checked before any model loads)."""
+    if config.distributed_executor_backend is ExecutorBackend.RAY:
+        require(Extra.DISTRIBUTED, "distributed_executor_backend 'ray'")
     if config.distributed_executor_backend is not ExecutorBackend.EXTERNAL_LAUNCHER:
         return 0
     rendezvous, rank = Rendezvous.from_env()
