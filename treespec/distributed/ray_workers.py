@@ -61,7 +61,7 @@ def start_ray_workers(source: ModelSource, plan: ParallelPlan, threads: int) -> 
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        ray.init(ignore_reinit_error=True)
     workers = plan.world_size - 1
     group = placement_group([{"CPU": threads}] * workers, strategy="PACK")
     wait = timeout_s()
