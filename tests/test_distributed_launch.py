@@ -135,3 +135,26 @@ raise SystemExit(main(["generate", "hi", "--model", {str(model_dir)!r}, "-tp", "
 """, blocked=("ray",))
     assert proc.returncode == 2 and proc.stderr.strip().count("\\n") == 0, proc.stderr
     assert "pip install 'treespec[distributed]'" in proc.stderr
+
+
+def test_blocks_weights_run_split_into_stages_and_are_refused_split_into_shards(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+    from tiny_gguf import write_model
+
+    from treespec import LLM
+    from treespec.errors import ConfigError
+    from treespec.kernels.q8_head import compiled as head_kernel
+    if head_kernel() is None:
+        pytest.skip("block kernels cannot be built here")
+    path = tmp_path / "gemma3.gguf"
+    write_model(path, "gemma3", qtypes=(Q.Q8_0, Q.Q5_0))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = ["hello world hello world hello", "the the the world"]
+    expected = [o.token_ids for o in LLM(str(path), weight_quantization="blocks").generate(prompts, params)]
+    staged = LLM(str(path), weight_quantization="blocks", pipeline_parallel_size=2, num_threads=1)
+    try:
+        assert [o.token_ids for o in staged.generate(prompts, params)] == expected
+    finally:
+        staged.close()
+    with pytest.raises(ConfigError, match="'blocks' is not supported with tensor_parallel_size > 1"):
+        LLM(str(path), weight_quantization="blocks", tensor_parallel_size=2)
