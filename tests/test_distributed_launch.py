@@ -17,7 +17,6 @@ from treespec.config import EngineConfig
 from treespec.distributed.launch import start_parallel
 from treespec.distributed.source import TensorsSource
 from treespec.engine.engine import LLMEngine
-from treespec.errors import DistributedError
 from treespec.models.registry import build_model
 from treespec.sampling import SamplingParams
 

@@ -20,7 +20,7 @@ from treespec.distributed.group import Rendezvous, check_loaded, first_line, joi
 from treespec.distributed.plan import ParallelPlan
 from treespec.distributed.source import ModelSource
 from treespec.distributed.target import ParallelTarget, Workers
-from treespec.distributed.worker import run_worker, worker_process
+from treespec.distributed.worker import run_worker
 from treespec.errors import DistributedError
 from treespec.extras import Extra, require
 from treespec.models.base import CausalLM

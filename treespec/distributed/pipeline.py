@@ -39,7 +39,7 @@ def micro_batches(seqs: list[SeqAttention], count: int) -> list[tuple[int, int]]
 
 
 class PipelineStage:
-    """This rank's stage: its layers (renumbered from 0 for its own caches), embedding on the first, norm on the last."""
+    """This rank's stage: its layers (renumbered from 0: its own caches); embedding on the first, norm on the last."""
 
     def __init__(self, model: CausalLM, rank: int, size: int, micro_batches: int,
                  group: dist.ProcessGroup | None = None) -> None:
