@@ -11,7 +11,7 @@ from treespec.errors import MissingExtraError
 class Extra(Enum):
     SERVE = "serve"  # the OpenAI-compatible server
     BENCH = "bench"  # HF transformers (--mode ar), plots, the load generator's HTTP client
-    DISTRIBUTED = "distributed"  # Ray Serve: `serve --data-parallel-size K` replicas behind one endpoint
+    DISTRIBUTED = "distributed"  # Ray: worker ranks placed on a Ray cluster, or Ray Serve replicas (serve -dp K)
 
 
 # the top-level modules each extra provides (pyproject.toml lists their distributions)

@@ -19,7 +19,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from treespec.api import LLM
-from treespec.cli_args import API_KEY_ENV, spec_from_args
+from treespec.cli_args import API_KEY_ENV, parallel_kwargs, spec_from_args
+from treespec.config import ExecutorBackend
 from treespec.engine.async_engine import AsyncEngine
 from treespec.errors import ConfigError
 from treespec.server.app import DrainingServer, ServerSettings, attach_engine, create_app
@@ -32,12 +33,18 @@ RAY_STOP_TIMEOUT_S = 30.0  # --data-parallel-size: seconds the replicas' teardow
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.distributed_executor_backend == ExecutorBackend.EXTERNAL_LAUNCHER.value and int(os.environ.get("RANK", 0)):
+        _make_llm(args)  # a torchrun rank > 0 serves rank 0's forwards (no HTTP) and exits when rank 0 stops
+        return 0
     settings = ServerSettings(model_name=args.served_model_name or args.model,
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                               max_body_bytes=args.max_body_bytes, cors_origins=args.cors_origin or [],
                               drain_timeout=args.drain_timeout)
     if args.data_parallel_size == 1 and args.ray_address:
         raise ConfigError("--ray-address: only used with --data-parallel-size > 1")
+    if args.data_parallel_size > 1 and (args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1):
+        raise ConfigError("--data-parallel-size: replicas of tensor/pipeline-parallel groups are not supported yet; "
+                          "use one of them")
     app = create_app(None, None, settings=settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout + FLUSH_S)
@@ -76,10 +83,7 @@ def _load_engine(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server)
           f"/health answers 503 until it is ready", flush=True)
     t0 = time.monotonic()
     try:
-        llm = LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
-                  weight_quantization=args.weight_quantization, num_threads=args.threads,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_waiting=args.max_waiting)
+        llm = _make_llm(args)
         attach_engine(app, AsyncEngine(llm.engine), llm.tokenizer)
         print(f"treespec: ready after {time.monotonic() - t0:.1f} s: serving on http://{args.host}:{args.port}",
               flush=True)
@@ -110,3 +114,10 @@ def _run_replicas(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server
         server.should_exit = True
     finally:
         replicas.run_until_stopped()
+
+
+def _make_llm(args: argparse.Namespace) -> LLM:
+    return LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
+               weight_quantization=args.weight_quantization, num_threads=args.threads,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_waiting=args.max_waiting, **parallel_kwargs(args))
