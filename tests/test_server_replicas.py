@@ -130,7 +130,7 @@ def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_more_replicas_than_cpus_and_a_needless_ray_address_are_usage_errors(capsys, monkeypatch):
+def test_more_replicas_than_cpus_a_needless_ray_address_and_parallel_replicas_are_usage_errors(capsys, monkeypatch):
     """A local cluster gets this machine's CPUs; replicas that cannot all be placed are refused before starting."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     too_many = len(os.sched_getaffinity(0)) + 1
@@ -139,6 +139,8 @@ def test_more_replicas_than_cpus_and_a_needless_ray_address_are_usage_errors(cap
     assert len(err) == 1 and "--data-parallel-size" in err[0] and "CPUs" in err[0]
     assert main(["serve", "--ray-address", "auto", "--port", "0"]) == 2  # only the replicas use Ray
     assert capsys.readouterr().err.strip() == "treespec: error: --ray-address: only used with --data-parallel-size > 1"
+    assert main(["serve", "--data-parallel-size", "2", "--tensor-parallel-size", "2", "--port", "0"]) == 2
+    assert "not supported yet" in capsys.readouterr().err  # replicas of parallel groups: not built
 
 
 def test_snapshots_are_summed_field_by_field_and_position_by_position():

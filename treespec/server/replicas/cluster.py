@@ -1,7 +1,7 @@
 """Start or join the Ray cluster, deploy the K engine replicas, and take it all down again.
 
 Without an address (--ray-address, else $RAY_ADDRESS) this process starts a local Ray cluster with this
-machine's CPUs and stops it on exit: Ray's own processes (GCS, raylet, workers) are its children and leave
+machine's CPUs (address "local": never one that `ray start` left recorded in /tmp/ray) and stops it on exit: Ray's own processes (GCS, raylet, workers) are its children and leave
 with it. On a cluster it joined, it deletes only its own application. Ray Serve runs no HTTP proxy of its own
 (proxy_location "Disabled"): the endpoint is this process's app, and requests reach the replicas through a
 deployment handle. Replicas are placed by Ray Serve's default SPREAD strategy, so they go to different nodes
@@ -70,7 +70,7 @@ class ReplicaCluster:
     def start(self) -> tuple[ReplicaPool, Tokenizer]:
         """Connect, deploy and wait until every replica has loaded the model (blocking; minutes for big models)."""
         if self.address is None:
-            ray.init(num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False, log_to_driver=False,
                      object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.ERROR)
         else:
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR)
