@@ -59,6 +59,8 @@ NEEDS_SERVE = "treespec serve needs the 'serve' extra: pip install 'treespec[ser
     (["bench", "--limit", "1"], OPTIONAL, "treespec bench needs the 'bench' extra: pip install 'treespec[bench]'"),
     (["bench", "--mode", "serve"], SERVE,  # the load generator runs the server too
      "treespec bench --mode serve needs the 'serve' extra: pip install 'treespec[serve]'"),
+    (["serve", "--data-parallel-size", "2"], ("ray",),  # replicas run on Ray Serve
+     "treespec serve --data-parallel-size needs the 'distributed' extra: pip install 'treespec[distributed]'"),
 ])
 def test_a_missing_extra_is_one_line_naming_it_and_exit_2(argv, blocked, message):
     proc = run_lean(f"from treespec.cli import main\nsys.exit(main({argv!r}))", blocked)

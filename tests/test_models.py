@@ -256,11 +256,11 @@ def test_linear_fast_path_equals_f_linear(rows, packed):
 
 
 def test_reloading_a_linear_drops_its_stale_packed_copy():
-    from treespec.models.layers import _set_linear
+    from treespec.models.layers import set_linear
     lin = Linear(24, 40, bias=False)
     lin.weight = torch.nn.Parameter(torch.randn(40, 24), requires_grad=False)
     assert lin.pack()
-    _set_linear(lin, torch.randn(40, 24), None)
+    set_linear(lin, torch.randn(40, 24), None)
     assert lin.packed is None
     x = torch.randn(4, 24)
     torch.testing.assert_close(lin(x), x @ lin.weight.t(), atol=1e-5, rtol=0)

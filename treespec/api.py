@@ -1,15 +1,17 @@
 """The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections import deque
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from treespec.config import EngineConfig, SpecConfig, WeightQuantization
+from treespec.config import DrafterMethod, EngineConfig, SpecConfig, WeightQuantization
+from treespec.distributed.launch import launched_rank, serve_as_worker, start_parallel
+from treespec.distributed.source import CheckpointSource
+from treespec.distributed.target import ParallelTarget
 from treespec.drafters.registry import build_drafters, resolve_auto
 from treespec.engine.cost_model import CALIBRATION_TEXT, CostModel
 from treespec.engine.engine import LLMEngine
@@ -17,10 +19,7 @@ from treespec.engine.request import Request
 from treespec.errors import ConfigError, QueueFullError
 from treespec.models.registry import build_model
 from treespec.sampling import SamplingParams
-from treespec.weights.gguf_file import GGUFFile
 from treespec.weights.loader import load_checkpoint, resolve_model
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,35 +50,54 @@ class LLM:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = resolve_model(model)
-        config = dataclasses.replace(config, weight_quantization=config.weight_quantization.resolve(path.is_file()))
+        mode = config.weight_quantization.resolve(path.is_file() and config.tensor_parallel_size == 1)
+        config = dataclasses.replace(config, weight_quantization=mode)
         blocks = config.weight_quantization is WeightQuantization.BLOCKS
         if blocks and not path.is_file():
             raise ConfigError(f"weight_quantization 'blocks' needs a GGUF model; {path} is a Hugging Face directory "
                               f"(use 'none', 'fp16' or 'int8')")
+        source = CheckpointSource(path, config.weight_quantization)
+        if config.world_size > 1 and launched_rank(config) > 0:  # torchrun: this rank serves rank 0's forwards
+            serve_as_worker(source, config)
+            raise SystemExit(0)
         ckpt = load_checkpoint(str(path), progress=progress)
-        self.checkpoint_source = ckpt.source
-        self.model_config = ckpt.config
+        self.checkpoint_source, self.tokenizer = ckpt.source, ckpt.tokenizer
+        self.model_config = source.hf_config = ckpt.config
         target = build_model(ckpt.config, ckpt.tensors)
-        if blocks:
-            _use_gguf_blocks(target, ckpt.gguf, ckpt.config)
-        elif config.weight_quantization is not WeightQuantization.NONE:
-            from treespec.models.quant import quantize_linears
-            quantize_linears(target, config.weight_quantization)
+        del ckpt  # the model holds the weights it uses (split: only its shard of them)
+        if config.world_size > 1:
+            target = start_parallel(source, config, target)
+        else:
+            source.quantize(target)
         target.lm_head.prepare()  # the exact fast argmax's fp16 copy: built once here, not inside a timed step
-        self.tokenizer = ckpt.tokenizer
         self.target, self.config = target, config
         self._cost: CostModel | None = None
         self.engine = self.make_engine(spec)
 
     def make_engine(self, speculative_config: SpecConfig | dict | str | None) -> LLMEngine:
         """Another engine over the same loaded target (e.g. to compare drafters side by side)."""
-        spec = resolve_auto(SpecConfig.parse(speculative_config), self.checkpoint_source)
+        spec = SpecConfig.parse(speculative_config)
+        parallel = self.config.world_size > 1
+        if parallel:
+            _refuse_self_drafts(spec)
+        spec = resolve_auto(spec, self.checkpoint_source)
+        if parallel:  # auto's drafter for sampling requests may be a self-draft: those requests then decode plainly
+            spec = dataclasses.replace(spec, drafters=[d for d in spec.drafters
+                                                       if d.method is not DrafterMethod.LAYER_SKIP])
         drafters = build_drafters(spec, self.target, self.tokenizer)
         if spec.enabled and spec.budget is None and self._cost is None:
-            key = f"{self.checkpoint_source}|{self.config.weight_quantization.value}"
+            c = self.config
+            key = f"{self.checkpoint_source}|{c.weight_quantization.value}"
+            if parallel:
+                key += f"|tp{c.tensor_parallel_size}|pp{c.pipeline_parallel_size}"
             text = self.tokenizer.encode(CALIBRATION_TEXT)
             self._cost = CostModel.load_or_measure(self.target, key, text)
         return LLMEngine(self.target, self.tokenizer, self.config, spec, drafters, self._cost)
+
+    def close(self) -> None:
+        """Stop the worker ranks of a tensor/pipeline-parallel target (also done at exit); a no-op otherwise."""
+        if isinstance(self.target, ParallelTarget):
+            self.target.shutdown()
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, list):
@@ -134,13 +152,10 @@ class LLM:
         return False
 
 
-def _use_gguf_blocks(target: torch.nn.Module, gguf: GGUFFile, config: dict[str, Any]) -> None:
-    """weight_quantization 'blocks': the GGUF's block-quantized projections and Q8_0 head computed from their
-    blocks (exact); everything else (F32/F16 tensors, types without a kernel, no kernel here) stays fp32."""
-    from treespec.models.quant_blocks import use_blocks, use_head_blocks
-    from treespec.weights.gguf_blocks import load_gguf_blocks, load_head_blocks
-    swapped = use_blocks(target, load_gguf_blocks(gguf, config))
-    head = use_head_blocks(target, load_head_blocks(gguf))
-    log.info("weight_quantization blocks: %d projections %s; greedy head %s", swapped,
-             "from their blocks" if swapped else "(none: fp32 Linears)",
-             "from its Q8_0 blocks for few rows" if head else "as in fp32 mode")
+def _refuse_self_drafts(spec: SpecConfig) -> None:
+    """ConfigError for layer_skip drafters under tensor/pipeline parallelism: they run the target's own layers, which
+    are split over the ranks; drafters run on rank 0 beside it (ngram, draft_model, learned)."""
+    if any(d.method is DrafterMethod.LAYER_SKIP for d in spec.drafters):
+        raise ConfigError("speculative_config: layer_skip drafting is not available with tensor_parallel_size or "
+                          "pipeline_parallel_size > 1 (the target's layers are split over the ranks); use ngram, "
+                          "draft_model or learned")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Callable
 
-from treespec.cli_args import EXIT_USAGE, build_parser, spec_from_args
+from treespec.cli_args import EXIT_USAGE, build_parser, parallel_kwargs, spec_from_args
 from treespec.errors import TreespecError
 from treespec.extras import Extra, require
 
@@ -29,7 +30,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, speculative_config=spec, max_model_len=args.max_model_len,
-              weight_quantization=args.weight_quantization, num_threads=args.threads, progress=True)
+              weight_quantization=args.weight_quantization, num_threads=args.threads, progress=True,
+              **parallel_kwargs(args))
     ids = llm.encode_prompt(args.prompt, chat=args.chat)
     stream = not args.json
 
@@ -107,6 +109,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     require(Extra.SERVE, "treespec serve")
+    if args.data_parallel_size > 1:
+        # read when Ray is first imported: its C++ failure-signal handler would print a stack for the SIGTERM that
+        # starts our drain and end the process with an abort (status -6) once the drain is done
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        require(Extra.DISTRIBUTED, "treespec serve --data-parallel-size")
     from treespec.server.cli import cmd_serve
     return cmd_serve(args)
 

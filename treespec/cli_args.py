@@ -11,7 +11,7 @@ import math
 import sys
 from typing import Any
 
-from treespec.config import WeightQuantization
+from treespec.config import ExecutorBackend, WeightQuantization
 from treespec.errors import ConfigError, TreespecError
 
 EXIT_USAGE = 2
@@ -70,7 +70,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=positive_int, default=None, help="draft depth")
     p.add_argument("--max-model-len", type=positive_int, default=None)
     add_weight_quantization(p)
-    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (per rank)")
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                   help="ranks splitting every layer (Megatron); rank 0 drafts and verifies")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=positive_int, default=1,
+                   help="ranks holding consecutive stages of the layers")
+    p.add_argument("--distributed-executor-backend", choices=[b.value for b in ExecutorBackend], default="mp",
+                   help="mp: spawn the ranks on this node (default); ray: place them with a Ray placement group; "
+                        "external_launcher: every rank started by torchrun")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLM keyword arguments of add_parallel_args's flags."""
+    return {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
+            "distributed_executor_backend": args.distributed_executor_backend}
 
 
 def add_weight_quantization(p: argparse.ArgumentParser) -> None:
@@ -94,6 +111,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     b.add_argument("--threads", type=int, default=None)
     add_weight_quantization(b)
+    add_parallel_args(b)
     b.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedup.png")
     b.add_argument("--concurrency", default="1,4,16", help="serve mode: comma-separated client counts")
 
@@ -113,6 +131,12 @@ def add_serve_parser(sub) -> None:
                    help="seconds in-flight requests get on SIGTERM/SIGINT; then they end with finish_reason abort")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest accepted request body")
     s.add_argument("--cors-origin", action="append", default=None, help="allow this CORS origin (repeatable)")
+    s.add_argument("--data-parallel-size", type=positive_int, default=1,
+                   help="K engines behind this endpoint as a Ray Serve application (the 'distributed' extra); "
+                        "1: this process serves alone")
+    s.add_argument("--ray-address", default=None,
+                   help="Ray cluster for the replicas (default: $RAY_ADDRESS, else a local cluster of this "
+                        "machine's CPUs, stopped on exit)")
 
 
 def add_distill_parser(sub) -> None:

@@ -49,18 +49,26 @@ class DraftSampling(Enum):
     COUPLED = "coupled"                          # one-hot children ranked with the output's own Gumbel noise
 
 
+class ExecutorBackend(Enum):
+    """Who starts the ranks of a tensor/pipeline-parallel group (vLLM's names)."""
+    MP = "mp"                                # treespec spawns its workers on this node (multiprocessing)
+    RAY = "ray"                              # workers placed by a Ray placement group (several nodes)
+    EXTERNAL_LAUNCHER = "external_launcher"  # every rank started by torchrun; rank 0 drives, the others serve
+
+
 class WeightQuantization(Enum):
     NONE = "none"  # fp32, exact
     FP16 = "fp16"  # fp16 weights, fp32 math (fbgemm); approximate
     INT8 = "int8"  # int8 weights; approximate
     BLOCKS = "blocks"  # a GGUF's quantized weights computed from their blocks, fp32 math; exact (the GGUF's model)
-    AUTO = "auto"  # BLOCKS for a GGUF, NONE for a Hugging Face directory: the fastest exact mode for the file
+    AUTO = "auto"  # BLOCKS for a GGUF (not split into tensor-parallel shards), else NONE: the fastest exact mode
 
-    def resolve(self, is_gguf: bool) -> "WeightQuantization":
-        """AUTO -> the mode it means for a GGUF (True) or a Hugging Face directory (False); others unchanged."""
+    def resolve(self, blocks_possible: bool) -> "WeightQuantization":
+        """AUTO -> BLOCKS where they can run (a GGUF, one shard: blocks are not split for tensor parallelism yet),
+        else NONE; other modes unchanged."""
         if self is not WeightQuantization.AUTO:
             return self
-        return WeightQuantization.BLOCKS if is_gguf else WeightQuantization.NONE
+        return WeightQuantization.BLOCKS if blocks_possible else WeightQuantization.NONE
 
 
 def _enum(enum: type[Enum], value: Any, name: str) -> Enum:
@@ -226,6 +234,9 @@ class EngineConfig:
     kv_cache_bytes: int = 4 << 30             # KV memory all running requests may hold together
     weight_quantization: WeightQuantization = WeightQuantization.AUTO  # resolved by LLM when it loads the model
     num_threads: int | None = None            # torch intra-op threads; None = torch's default
+    tensor_parallel_size: int = 1             # ranks splitting every layer (Megatron); rank 0 drives
+    pipeline_parallel_size: int = 1           # ranks holding consecutive layer stages
+    distributed_executor_backend: ExecutorBackend = ExecutorBackend.MP
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -239,6 +250,18 @@ class EngineConfig:
         self.weight_quantization = _enum(WeightQuantization, self.weight_quantization, "weight_quantization")
         if self.num_threads is not None:
             _check_int(self.num_threads, "num_threads", 1, 1024)
+        _check_int(self.tensor_parallel_size, "tensor_parallel_size", 1, 1024)
+        _check_int(self.pipeline_parallel_size, "pipeline_parallel_size", 1, 1024)
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise ConfigError("tensor_parallel_size, pipeline_parallel_size: combining both is not supported; "
+                              "use one of them")
+        self.distributed_executor_backend = _enum(ExecutorBackend, self.distributed_executor_backend,
+                                                  "distributed_executor_backend")
+
+    @property
+    def world_size(self) -> int:
+        """Processes running the target: 1 unless tensor or pipeline parallel."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def _known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:

@@ -23,3 +23,7 @@ class EngineClosedError(TreespecError):
 
 class MissingExtraError(TreespecError):
     """A command needs an optional dependency group (a pip extra) that is not installed."""
+
+
+class DistributedError(TreespecError):
+    """A tensor/pipeline-parallel group failed: a rank could not start, timed out or died (its requests fail)."""

@@ -11,12 +11,14 @@ from treespec.errors import MissingExtraError
 class Extra(Enum):
     SERVE = "serve"  # the OpenAI-compatible server
     BENCH = "bench"  # HF transformers (--mode ar), plots, the load generator's HTTP client
+    DISTRIBUTED = "distributed"  # Ray: worker ranks placed on a Ray cluster, or Ray Serve replicas (serve -dp K)
 
 
 # the top-level modules each extra provides (pyproject.toml lists their distributions)
 MODULES: dict[Extra, tuple[str, ...]] = {
     Extra.SERVE: ("fastapi", "uvicorn", "prometheus_client"),
     Extra.BENCH: ("transformers", "matplotlib", "httpx"),
+    Extra.DISTRIBUTED: ("ray", "ray.serve"),
 }
 
 

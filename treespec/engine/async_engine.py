@@ -113,6 +113,9 @@ class AsyncEngine:
     def snapshot(self) -> EngineSnapshot:
         return self._snapshot
 
+    async def refresh_snapshot(self) -> None:
+        """Nothing to fetch: the engine thread copies the snapshot after every step (replicas must ask)."""
+
     @property
     def num_unfinished(self) -> int:
         return len(self._choices)

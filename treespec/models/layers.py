@@ -85,7 +85,7 @@ def pack_linears(model: nn.Module, min_numel: int = PACK_MIN_NUMEL) -> int:
     return sum(m.pack() for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= min_numel)
 
 
-def _set_linear(linear: Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def set_linear(linear: Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     linear.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
@@ -243,8 +243,8 @@ class Attention(HFLoadable):
     def load_hf(self, get: Getter) -> None:
         qkv = [f"{p}_proj" for p in "qkv"]
         bias = torch.cat([get(f"{p}.bias") for p in qkv]) if self.qkv_proj.bias is not None else None
-        _set_linear(self.qkv_proj, torch.cat([get(f"{p}.weight") for p in qkv]), bias)
-        _set_linear(self.o_proj, get("o_proj.weight"), get("o_proj.bias") if self.o_proj.bias is not None else None)
+        set_linear(self.qkv_proj, torch.cat([get(f"{p}.weight") for p in qkv]), bias)
+        set_linear(self.o_proj, get("o_proj.weight"), get("o_proj.bias") if self.o_proj.bias is not None else None)
         if self.qk_norm is not None:
             q_w, k_w = get("q_norm.weight"), get("k_norm.weight")
             self.qk_norm.assign(torch.cat([q_w.expand(self.heads, -1), k_w.expand(self.kv_heads, -1)]))
@@ -309,9 +309,9 @@ class MLP(HFLoadable):
 
     def load_hf(self, get: Getter) -> None:
         b = self.down_proj.bias is not None
-        _set_linear(self.gate_up_proj, torch.cat([get("gate_proj.weight"), get("up_proj.weight")]),
+        set_linear(self.gate_up_proj, torch.cat([get("gate_proj.weight"), get("up_proj.weight")]),
                     torch.cat([get("gate_proj.bias"), get("up_proj.bias")]) if b else None)
-        _set_linear(self.down_proj, get("down_proj.weight"), get("down_proj.bias") if b else None)
+        set_linear(self.down_proj, get("down_proj.weight"), get("down_proj.bias") if b else None)
 
     def hf_tensors(self) -> dict[str, torch.Tensor]:
         i, d = self.down_proj.in_features, self.down_proj.out_features

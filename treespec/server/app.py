@@ -1,6 +1,7 @@
 """The OpenAI-compatible FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
 
-The app sees the engine only through AsyncEngine (submit, stream, abort). Bodies are parsed by hand under a
+The app sees the engine only through an EngineClient (engine_client.py: submit, stream, abort, shutdown): one
+AsyncEngine in this process, or K replicas behind Ray Serve (replicas/). Bodies are parsed by hand under a
 size limit and validated by the strict models in protocol.py, so every bad input is a 400 in OpenAI's error
 shape (404 for an unknown model, 429 when the queue is full, 503 while loading or shutting down).
 """
@@ -19,9 +20,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from treespec.engine.async_engine import AsyncEngine, RequestStream
+from treespec.engine.async_engine import AsyncEngine
 from treespec.errors import EngineClosedError, QueueFullError, TreespecError
 from treespec.server.auth import ApiKeyMiddleware
+from treespec.server.engine_client import DeltaStream, EngineClient
 from treespec.server.errors import ApiError, ErrorType, bad_request, from_validation_error, install_error_handlers
 from treespec.server.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
 from treespec.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -40,7 +42,7 @@ class ServerSettings:
 
 @dataclass
 class Backend:
-    engine: AsyncEngine
+    engine: EngineClient  # an AsyncEngine, or a ReplicaPool (--data-parallel-size)
     tokenizer: Tokenizer
 
 
@@ -70,7 +72,7 @@ def create_app(async_engine: AsyncEngine | None, tokenizer: Tokenizer | None, mo
     return app
 
 
-def attach_engine(app: FastAPI, async_engine: AsyncEngine, tokenizer: Tokenizer) -> None:
+def attach_engine(app: FastAPI, async_engine: EngineClient, tokenizer: Tokenizer) -> None:
     app.state.backend = Backend(async_engine, tokenizer)
 
 
@@ -110,6 +112,8 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        if app.state.backend is not None:
+            await app.state.backend.engine.refresh_snapshot()
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
@@ -208,8 +212,8 @@ async def _serve(request: Request, backend: Backend, timer: RequestTimer, endpoi
     return JSONResponse(builder.response())
 
 
-async def _submit(engine: AsyncEngine, body: SamplingFields, prompt_ids: list[int], max_tokens: int,
-                  request_id: str) -> RequestStream:
+async def _submit(engine: EngineClient, body: SamplingFields, prompt_ids: list[int], max_tokens: int,
+                  request_id: str) -> DeltaStream:
     try:
         params = body.sampling_params(max_tokens)
         return await engine.submit(prompt_ids, params, request_id, speculate=body.speculate)
@@ -221,14 +225,14 @@ async def _submit(engine: AsyncEngine, body: SamplingFields, prompt_ids: list[in
         raise bad_request(str(e)) from None
 
 
-async def _close_on_disconnect(request: Request, stream: RequestStream) -> None:
+async def _close_on_disconnect(request: Request, stream: DeltaStream) -> None:
     """Abort a non-streaming request whose client went away (streams are cancelled by Starlette instead)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
     stream.close()
 
 
-async def _sse_events(stream: RequestStream, builder: ResponseBuilder, timer: RequestTimer,
+async def _sse_events(stream: DeltaStream, builder: ResponseBuilder, timer: RequestTimer,
                       body: SamplingFields) -> AsyncIterator[bytes]:
     """SSE body: role chunks (chat), content chunks, finish chunks, optional usage chunk, then [DONE].
 

@@ -9,7 +9,7 @@ import torch
 from treespec.errors import ModelLoadError
 from treespec.tokenizer import Tokenizer
 from treespec.weights.gguf import load_gguf_weights
-from treespec.weights.gguf_file import GGUFFile, read_gguf
+from treespec.weights.gguf_file import read_gguf
 from treespec.weights.gguf_tokenizer import tokenizer_from_gguf
 from treespec.weights.safetensors import load_safetensors_dir
 
@@ -26,7 +26,6 @@ class Checkpoint:
     tokenizer: Tokenizer
     source: Path
     quant_types: dict[str, int]         # storage type -> tensor count ({"Q4_K": 27, ...} or {"BF16": 236})
-    gguf: GGUFFile | None = None        # the parsed GGUF (blocks mode reads its quantized tensors), if one
 
 
 def _default_gguf() -> Path:
@@ -69,6 +68,6 @@ def load_checkpoint(name_or_path: str, progress: bool = False) -> Checkpoint:
         gguf = read_gguf(path)
         weights = load_gguf_weights(gguf, progress)
         tokenizer = tokenizer_from_gguf(gguf.metadata, str(gguf.metadata.get("general.architecture", "")))
-        return Checkpoint(weights.config, weights.tensors, tokenizer, path, weights.quant_types, gguf)
+        return Checkpoint(weights.config, weights.tensors, tokenizer, path, weights.quant_types)
     config, tensors, quant_types = load_safetensors_dir(path, progress)
     return Checkpoint(config, tensors, Tokenizer.from_hf_dir(path), path, quant_types)
