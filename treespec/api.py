@@ -1,6 +1,7 @@
 """The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -9,7 +10,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from treespec.config import EngineConfig, SpecConfig, WeightQuantization
+from treespec.config import DrafterMethod, EngineConfig, SpecConfig, WeightQuantization
+from treespec.device import DType, Kernels, Placement
 from treespec.drafters.registry import build_drafters, resolve_auto
 from treespec.engine.cost_model import CALIBRATION_TEXT, CostModel
 from treespec.engine.engine import LLMEngine
@@ -43,10 +45,15 @@ class LLM:
 
     def __init__(self, model: str = "gemma-3-270m", speculative_config: SpecConfig | dict | str | None = None,
                  max_model_len: int | None = None, weight_quantization: str = "none",
-                 progress: bool = False, **engine_kwargs: Any) -> None:
-        config = EngineConfig(model=model, max_model_len=max_model_len,
-                              weight_quantization=weight_quantization, **engine_kwargs)
+                 progress: bool = False, device: str = "auto", dtype: DType | str = "auto",
+                 kernels: Kernels | str = "auto", **engine_kwargs: Any) -> None:
+        """device: auto (CUDA when torch sees one) | cpu | cuda | cuda:N; dtype: auto (bfloat16 on CUDA, float32
+        on the CPU) | float32 | bfloat16 | float16; kernels: auto | cpu (fp32 CPU fast paths) | portable (plain
+        torch ops, what CUDA runs). See treespec/device.py."""
+        config = EngineConfig(model=model, max_model_len=max_model_len, weight_quantization=weight_quantization,
+                              device=device, dtype=dtype, kernels=kernels, **engine_kwargs)
         spec = SpecConfig.parse(speculative_config)
+        self.placement = Placement.resolve(config.device, config.dtype, config.kernels)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = resolve_model(model)
@@ -54,10 +61,13 @@ class LLM:
         if blocks and not path.is_file():
             raise ConfigError(f"weight_quantization 'blocks' needs a GGUF model; {path} is a Hugging Face directory "
                               f"(use 'none', 'fp16' or 'int8')")
+        if config.weight_quantization is not WeightQuantization.NONE and self.placement.kernels is not Kernels.CPU:
+            raise ConfigError(f"weight_quantization {config.weight_quantization.value!r} needs the CPU kernels "
+                              f"(fp32 on the CPU); this model runs {self.placement.describe()}")
         ckpt = load_checkpoint(str(path), progress=progress)
         self.checkpoint_source = ckpt.source
         self.model_config = ckpt.config
-        target = build_model(ckpt.config, ckpt.tensors)
+        target = build_model(ckpt.config, ckpt.tensors, placement=self.placement)
         if blocks:
             _use_gguf_blocks(target, path, ckpt.config)
         elif config.weight_quantization is not WeightQuantization.NONE:
@@ -71,10 +81,12 @@ class LLM:
 
     def make_engine(self, speculative_config: SpecConfig | dict | str | None) -> LLMEngine:
         """Another engine over the same loaded target (e.g. to compare drafters side by side)."""
-        spec = resolve_auto(SpecConfig.parse(speculative_config), self.checkpoint_source)
-        drafters = build_drafters(spec, self.target, self.tokenizer)
+        spec = SpecConfig.parse(speculative_config)
+        spec = (resolve_auto(spec, self.checkpoint_source) if self.placement.cpu_fp32
+                else _portable_drafters(spec, self.placement))
+        drafters = build_drafters(spec, self.target, self.tokenizer, self.placement)
         if spec.enabled and spec.budget is None and self._cost is None:
-            key = f"{self.checkpoint_source}|{self.config.weight_quantization.value}"
+            key = f"{self.checkpoint_source}|{self.config.weight_quantization.value}|{self.placement.describe()}"
             text = self.tokenizer.encode(CALIBRATION_TEXT)
             self._cost = CostModel.load_or_measure(self.target, key, text)
         return LLMEngine(self.target, self.tokenizer, self.config, spec, drafters, self._cost)
@@ -130,6 +142,20 @@ class LLM:
                 return True
             pending.popleft()
         return False
+
+
+def _portable_drafters(spec: SpecConfig, placement: Placement) -> SpecConfig:
+    """Off fp32 CPU, the drafters that follow the target's placement: n-gram (no tensors) everywhere, draft models
+    (loaded with the target's placement) on the CPU; `auto` is its n-gram drafter there (the shipped drafters
+    are fp32 CPU ones). Model drafters on CUDA (their q rows on the device) are not built yet."""
+    if spec.auto:
+        return dataclasses.replace(spec, auto=False)
+    allowed = {DrafterMethod.NGRAM} | ({DrafterMethod.DRAFT_MODEL} if placement.device.type == "cpu" else set())
+    for d in spec.drafters:
+        if d.method not in allowed:
+            raise ConfigError(f"method: {d.method.value!r} does not draft for a model on {placement.describe()} yet "
+                              f"(use {' or '.join(sorted(repr(m.value) for m in allowed))})")
+    return spec
 
 
 def _use_gguf_blocks(target: torch.nn.Module, path: Path, config: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable
 
-from treespec.cli_args import EXIT_USAGE, build_parser, spec_from_args
+from treespec.cli_args import EXIT_USAGE, build_parser, device_kwargs, spec_from_args
 from treespec.errors import TreespecError
 from treespec.extras import Extra, require
 
@@ -29,7 +29,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, speculative_config=spec, max_model_len=args.max_model_len,
-              weight_quantization=args.weight_quantization, num_threads=args.threads, progress=True)
+              weight_quantization=args.weight_quantization, num_threads=args.threads, progress=True,
+              **device_kwargs(args))
     ids = llm.encode_prompt(args.prompt, chat=args.chat)
     stream = not args.json
 

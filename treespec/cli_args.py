@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from treespec.config import WeightQuantization
+from treespec.device import DType, Kernels, resolve_device
 from treespec.errors import ConfigError, TreespecError
 
 EXIT_USAGE = 2
@@ -70,7 +71,32 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=positive_int, default=None, help="draft depth")
     p.add_argument("--max-model-len", type=positive_int, default=None)
     add_weight_quantization(p)
+    add_device_args(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu | cuda | cuda:N | auto (default: CUDA when torch sees one)")
+    p.add_argument("--dtype", choices=[d.value for d in DType], default="auto",
+                   help="weights and activations (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--kernels", choices=[k.value for k in Kernels], default="auto",
+                   help="cpu: the fp32 CPU fast paths; portable: plain torch ops (what CUDA runs); auto: cpu for "
+                        "fp32 on the CPU, else portable")
+
+
+def device_arg(s: str) -> str:
+    """A device treespec takes and this machine has: checked while parsing, so a server never starts without it."""
+    try:
+        resolve_device(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None
+    return s
+
+
+def device_kwargs(args: argparse.Namespace) -> dict[str, str]:
+    """--device/--dtype/--kernels as LLM keyword arguments."""
+    return {"device": args.device, "dtype": args.dtype, "kernels": args.kernels}
 
 
 def add_weight_quantization(p: argparse.ArgumentParser) -> None:
@@ -93,6 +119,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
     b.add_argument("--threads", type=int, default=None)
     add_weight_quantization(b)
+    add_device_args(b)
     b.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedup.png")
     b.add_argument("--concurrency", default="1,4,16", help="serve mode: comma-separated client counts")
 

@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from treespec.device import DType, Kernels, check_device
 from treespec.errors import ConfigError
 
 
@@ -219,6 +220,9 @@ class EngineConfig:
     kv_cache_bytes: int = 4 << 30             # KV memory all running requests may hold together
     weight_quantization: WeightQuantization = WeightQuantization.NONE
     num_threads: int | None = None            # torch intra-op threads; None = torch's default
+    device: str = "auto"                      # auto (CUDA when torch sees one) | cpu | cuda | cuda:N
+    dtype: DType = DType.AUTO                 # auto: bfloat16 on CUDA, float32 on the CPU
+    kernels: Kernels = Kernels.AUTO           # auto: the CPU fast paths for fp32 on the CPU, else portable
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -232,6 +236,9 @@ class EngineConfig:
         self.weight_quantization = _enum(WeightQuantization, self.weight_quantization, "weight_quantization")
         if self.num_threads is not None:
             _check_int(self.num_threads, "num_threads", 1, 1024)
+        check_device(self.device)
+        self.dtype = _enum(DType, self.dtype, "dtype")
+        self.kernels = _enum(Kernels, self.kernels, "kernels")
 
 
 def _known_fields(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:

@@ -54,20 +54,26 @@ class CausalLM(HFLoadable):
         blocks: the decoder blocks to run, in order (default all of self.layers; self-speculative drafting runs a
         subset of them, or quantized copies, each writing the cache layer of its own index).
         """
+        tokens, positions = tokens.to(self.device), positions.to(self.device)  # no-ops on the CPU
         h = self.embed_tokens(tokens)
-        full = self.rope_full.lookup(positions)
-        local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions)
+        full = self.rope_full.lookup(positions, h.dtype)
+        local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions, h.dtype)
         batch = ForwardBatch(seqs, positions, {False: full, True: local})
         for block in self.layers if blocks is None else blocks:
             h = block(h, batch)
         return self.norm(h)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
         return self.lm_head.logits(hidden)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=torch.float32)
+        w = self.embed_tokens.weight  # the cache follows the model's device and dtype
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=w.dtype, device=w.device)
 
     # ------------------------------------------------------------------------------------------- weights
 

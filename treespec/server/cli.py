@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from treespec.api import LLM
-from treespec.cli_args import API_KEY_ENV, spec_from_args
+from treespec.cli_args import API_KEY_ENV, device_kwargs, spec_from_args
 from treespec.engine.async_engine import AsyncEngine
 from treespec.server.app import DrainingServer, ServerSettings, attach_engine, create_app
 
@@ -57,7 +57,7 @@ def _load_engine(app: FastAPI, args: argparse.Namespace, server: uvicorn.Server)
         llm = LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
                   weight_quantization=args.weight_quantization, num_threads=args.threads,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  max_waiting=args.max_waiting)
+                  max_waiting=args.max_waiting, **device_kwargs(args))
         attach_engine(app, AsyncEngine(llm.engine), llm.tokenizer)
         print(f"treespec: ready after {time.monotonic() - t0:.1f} s: serving on http://{args.host}:{args.port}",
               flush=True)
