@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from serving_tiny import run_to_end, tiny_hf_model, tiny_tokenizer
+from serving_tiny import run_to_end, save_tiny_model_dir, tiny_hf_model, tiny_tokenizer
 from test_drafter_model import (CHI_CASES, CHI_PROMPT, CHI_VOCAB, chi_squared_p_value, drafter, path_table,
                                 perturbed, sample_first_two, tiny_llama)
 from test_spec_greedy import BEST_FIRST, NGRAM, PROMPTS, generate
-from tiny_hf import FAMILIES, hf_logits, hf_model
+from tiny_hf import FAMILIES, hf_logits, hf_model, prefill
 
+from treespec import LLM
 from treespec.config import EngineConfig, SpecConfig
 from treespec.device import DType, Kernels, Placement, check_device, resolve_device
 from treespec.drafters.registry import build_drafters
@@ -99,9 +100,6 @@ def _assert_one_line_exit_2(argv: list[str], message: str) -> None:
 
 
 def test_api_refuses_cpu_only_options_off_the_cpu_kernels(tmp_path):
-    from serving_tiny import save_tiny_model_dir
-
-    from treespec import LLM
     d = save_tiny_model_dir(tmp_path / "m")
     with pytest.raises(ConfigError, match="^weight_quantization 'fp16' needs the CPU kernels"):
         LLM(str(d), weight_quantization="fp16", device="cpu", kernels="portable")
@@ -123,7 +121,6 @@ def test_kernel_sets_differ_only_in_their_products():
     assert lin and all(not m.cpu_products and m.packed is None for m in lin)
     assert portable.lm_head.portable and not portable.lm_head.prepare()
     tokens = torch.tensor([5, 17, 250, 3, 99])
-    from tiny_hf import prefill
     _, a = prefill(fast, tokens)
     _, b = prefill(portable, tokens)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -146,7 +143,6 @@ def test_portable_model_matches_transformers(family, placement):
     tokens = torch.randint(0, hf.config.vocab_size, (12,), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(hf.to(placement.device), tokens.to(placement.device)).float().cpu()
     model = build_model(hf.config.to_dict(), {k: v.cpu() for k, v in hf.state_dict().items()}, placement=placement)
-    from tiny_hf import prefill
     _, h = prefill(model, tokens)
     ours = model.logits(h).cpu()
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
