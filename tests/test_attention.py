@@ -9,12 +9,12 @@ import torch
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from tiny_hf import ancestor_mask, branch, depths, random_parents
-from treespec.attention import AttentionBackend, reference_attention, sdpa_attention, select_attention
+from treespec.attention import AttentionBackend, fast_attention, reference_attention, sdpa_attention, select_attention
 from treespec.attention.metadata import SeqAttention
 from treespec.kv.cache import KVCache
 
 HD = 8
-KERNELS = [reference_attention, sdpa_attention]
+KERNELS = [reference_attention, sdpa_attention, fast_attention]
 
 
 def _qkv(heads: int, kv_heads: int, n: int, length: int, seed: int):
@@ -51,7 +51,7 @@ def test_sdpa_equals_reference(heads, kv_heads, n, masked):
 
 
 def test_backend_choice():
-    assert select_attention(None, None) is sdpa_attention
+    assert select_attention(None, None) is fast_attention
     assert select_attention(None, 30.0) is reference_attention
     assert select_attention(AttentionBackend.REFERENCE, None) is reference_attention
     with pytest.raises(ValueError, match="softcap"):

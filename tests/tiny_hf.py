@@ -80,7 +80,7 @@ def hf_greedy(hf: tf.PreTrainedModel, prompt: torch.Tensor, n: int) -> list[int]
             step = hf(tokens, cache=cache, use_cache=True)
             cache = step.cache
             out.append(int(step.logits[0, -1].argmax()))
-            tokens = torch.tensor([[out[-1]]])
+            tokens = torch.tensor([[out[-1]]], device=prompt.device)
     return out
 
 

@@ -1,8 +1,8 @@
 """The offline Python API, shaped like vLLM's: LLM(model=..., speculative_config=...).generate(prompts, params)."""
 from __future__ import annotations
 
-from collections import deque
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -12,6 +12,7 @@ from treespec.config import DrafterMethod, EngineConfig, SpecConfig, WeightQuant
 from treespec.distributed.launch import launched_rank, serve_as_worker, start_parallel
 from treespec.distributed.source import CheckpointSource
 from treespec.distributed.target import ParallelTarget
+from treespec.device import DType, Kernels, Placement
 from treespec.drafters.registry import build_drafters, resolve_auto
 from treespec.engine.cost_model import CALIBRATION_TEXT, CostModel
 from treespec.engine.engine import LLMEngine
@@ -43,19 +44,31 @@ class LLM:
 
     def __init__(self, model: str = "gemma-3-270m", speculative_config: SpecConfig | dict | str | None = None,
                  max_model_len: int | None = None, weight_quantization: str = "auto",
-                 progress: bool = False, **engine_kwargs: Any) -> None:
-        config = EngineConfig(model=model, max_model_len=max_model_len,
-                              weight_quantization=weight_quantization, **engine_kwargs)
+                 progress: bool = False, device: str = "auto", dtype: DType | str = "auto",
+                 kernels: Kernels | str = "auto", **engine_kwargs: Any) -> None:
+        """device: auto (CUDA when torch sees one) | cpu | cuda | cuda:N; dtype: auto (bfloat16 on CUDA, float32
+        on the CPU) | float32 | bfloat16 | float16; kernels: auto | cpu (fp32 CPU fast paths) | portable (plain
+        torch ops, what CUDA runs). See treespec/device.py."""
+        config = EngineConfig(model=model, max_model_len=max_model_len, weight_quantization=weight_quantization,
+                              device=device, dtype=dtype, kernels=kernels, **engine_kwargs)
         spec = SpecConfig.parse(speculative_config)
+        self.placement = Placement.resolve(config.device, config.dtype, config.kernels)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = resolve_model(model)
-        mode = config.weight_quantization.resolve(path.is_file() and config.tensor_parallel_size == 1)
+        mode = config.weight_quantization.resolve(path.is_file() and config.tensor_parallel_size == 1
+                                                  and self.placement.kernels is Kernels.CPU)
         config = dataclasses.replace(config, weight_quantization=mode)
         blocks = config.weight_quantization is WeightQuantization.BLOCKS
         if blocks and not path.is_file():
             raise ConfigError(f"weight_quantization 'blocks' needs a GGUF model; {path} is a Hugging Face directory "
                               f"(use 'none', 'fp16' or 'int8')")
+        if config.weight_quantization is not WeightQuantization.NONE and self.placement.kernels is not Kernels.CPU:
+            raise ConfigError(f"weight_quantization {config.weight_quantization.value!r} needs the CPU kernels "
+                              f"(fp32 on the CPU); this model runs {self.placement.describe()}")
+        if config.world_size > 1 and not self.placement.cpu_fp32:
+            raise ConfigError(f"tensor_parallel_size, pipeline_parallel_size: the ranks run fp32 on the CPU for now; "
+                              f"this model asks for {self.placement.describe()}")
         source = CheckpointSource(path, config.weight_quantization)
         if config.world_size > 1 and launched_rank(config) > 0:  # torchrun: this rank serves rank 0's forwards
             serve_as_worker(source, config)
@@ -63,7 +76,7 @@ class LLM:
         ckpt = load_checkpoint(str(path), progress=progress)
         self.checkpoint_source, self.tokenizer = ckpt.source, ckpt.tokenizer
         self.model_config = source.hf_config = ckpt.config
-        target = build_model(ckpt.config, ckpt.tensors)
+        target = build_model(ckpt.config, ckpt.tensors, placement=self.placement)
         del ckpt  # the model holds the weights it uses (split: only its shard of them)
         if config.world_size > 1:
             target = start_parallel(source, config, target)
@@ -80,14 +93,15 @@ class LLM:
         parallel = self.config.world_size > 1
         if parallel:
             _refuse_self_drafts(spec)
-        spec = resolve_auto(spec, self.checkpoint_source)
+        spec = (resolve_auto(spec, self.checkpoint_source) if self.placement.cpu_fp32
+                else _portable_drafters(spec, self.placement))
         if parallel:  # auto's drafter for sampling requests may be a self-draft: those requests then decode plainly
             spec = dataclasses.replace(spec, drafters=[d for d in spec.drafters
                                                        if d.method is not DrafterMethod.LAYER_SKIP])
-        drafters = build_drafters(spec, self.target, self.tokenizer)
+        drafters = build_drafters(spec, self.target, self.tokenizer, self.placement)
         if spec.enabled and spec.budget is None and self._cost is None:
             c = self.config
-            key = f"{self.checkpoint_source}|{c.weight_quantization.value}"
+            key = f"{self.checkpoint_source}|{c.weight_quantization.value}|{self.placement.describe()}"
             if parallel:
                 key += f"|tp{c.tensor_parallel_size}|pp{c.pipeline_parallel_size}"
             text = self.tokenizer.encode(CALIBRATION_TEXT)
@@ -159,3 +173,17 @@ def _refuse_self_drafts(spec: SpecConfig) -> None:
         raise ConfigError("speculative_config: layer_skip drafting is not available with tensor_parallel_size or "
                           "pipeline_parallel_size > 1 (the target's layers are split over the ranks); use ngram, "
                           "draft_model or learned")
+
+
+def _portable_drafters(spec: SpecConfig, placement: Placement) -> SpecConfig:
+    """Off fp32 CPU, the drafters that follow the target's placement: n-gram (no tensors) everywhere, draft models
+    (loaded with the target's placement) on the CPU; `auto` is its n-gram drafter there (the shipped drafters
+    are fp32 CPU ones). Model drafters on CUDA (their q rows on the device) are not built yet."""
+    if spec.auto:
+        return dataclasses.replace(spec, auto=False)
+    allowed = {DrafterMethod.NGRAM} | ({DrafterMethod.DRAFT_MODEL} if placement.device.type == "cpu" else set())
+    for d in spec.drafters:
+        if d.method not in allowed:
+            raise ConfigError(f"method: {d.method.value!r} does not draft for a model on {placement.describe()} yet "
+                              f"(use {' or '.join(sorted(repr(m.value) for m in allowed))})")
+    return spec

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable
 
-from treespec.cli_args import EXIT_USAGE, build_parser, parallel_kwargs, spec_from_args
+from treespec.cli_args import EXIT_USAGE, build_parser, load_kwargs, spec_from_args
 from treespec.errors import TreespecError
 from treespec.extras import Extra, require
 
@@ -31,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
     llm = LLM(args.model, speculative_config=spec, max_model_len=args.max_model_len,
               weight_quantization=args.weight_quantization, num_threads=args.threads, progress=True,
-              **parallel_kwargs(args))
+              **load_kwargs(args))
     ids = llm.encode_prompt(args.prompt, chat=args.chat)
     stream = not args.json
 

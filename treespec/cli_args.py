@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from treespec.config import ExecutorBackend, WeightQuantization
+from treespec.device import DType, Kernels, resolve_device
 from treespec.errors import ConfigError, TreespecError
 
 EXIT_USAGE = 2
@@ -72,6 +73,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_weight_quantization(p)
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (per rank)")
     add_parallel_args(p)
+    add_device_args(p)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -84,10 +86,30 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "external_launcher: every rank started by torchrun")
 
 
-def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The LLM keyword arguments of add_parallel_args's flags."""
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLM keyword arguments of add_parallel_args's and add_device_args's flags: where the model runs."""
     return {"tensor_parallel_size": args.tensor_parallel_size, "pipeline_parallel_size": args.pipeline_parallel_size,
-            "distributed_executor_backend": args.distributed_executor_backend}
+            "distributed_executor_backend": args.distributed_executor_backend,
+            "device": args.device, "dtype": args.dtype, "kernels": args.kernels}
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="cpu | cuda | cuda:N | auto (default: CUDA when torch sees one)")
+    p.add_argument("--dtype", choices=[d.value for d in DType], default="auto",
+                   help="weights and activations (default auto: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--kernels", choices=[k.value for k in Kernels], default="auto",
+                   help="cpu: the fp32 CPU fast paths; portable: plain torch ops (what CUDA runs); auto: cpu for "
+                        "fp32 on the CPU, else portable")
+
+
+def device_arg(s: str) -> str:
+    """A device treespec takes and this machine has: checked while parsing, so a server never starts without it."""
+    try:
+        resolve_device(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("device: ")) from None
+    return s
 
 
 def add_weight_quantization(p: argparse.ArgumentParser) -> None:
@@ -112,6 +134,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--threads", type=int, default=None)
     add_weight_quantization(b)
     add_parallel_args(b)
+    add_device_args(b)
     b.add_argument("--out", default="bench_out", help="folder for results.json, results.md, speedup.png")
     b.add_argument("--concurrency", default="1,4,16", help="serve mode: comma-separated client counts")
 

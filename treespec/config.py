@@ -24,6 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from treespec.device import DType, Kernels, check_device
 from treespec.errors import ConfigError
 
 
@@ -237,6 +238,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1             # ranks splitting every layer (Megatron); rank 0 drives
     pipeline_parallel_size: int = 1           # ranks holding consecutive layer stages
     distributed_executor_backend: ExecutorBackend = ExecutorBackend.MP
+    device: str = "auto"                      # auto (CUDA when torch sees one) | cpu | cuda | cuda:N
+    dtype: DType = DType.AUTO                 # auto: bfloat16 on CUDA, float32 on the CPU
+    kernels: Kernels = Kernels.AUTO           # auto: the CPU fast paths for fp32 on the CPU, else portable
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -257,6 +261,9 @@ class EngineConfig:
                               "use one of them")
         self.distributed_executor_backend = _enum(ExecutorBackend, self.distributed_executor_backend,
                                                   "distributed_executor_backend")
+        check_device(self.device)
+        self.dtype = _enum(DType, self.dtype, "dtype")
+        self.kernels = _enum(Kernels, self.kernels, "kernels")
 
     @property
     def world_size(self) -> int:

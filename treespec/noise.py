@@ -24,8 +24,10 @@ class RequestNoise:
     is emitted: coupled drafting and the verification of the same step read the same rows, and rows of positions
     drafted but not reached are read again next step."""
 
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    def __init__(self, seed: int, device: torch.device | str = "cpu") -> None:
+        """device: where the Gumbel rows are drawn (the model's: a CUDA generator there, so the streams differ
+        from the CPU's; the uniforms of inverse-CDF draws stay on the host, where the acceptance walk reads them)."""
+        self.seed, self.device = seed, torch.device(device)
         self.rows: dict[int, torch.Tensor] = {}  # output position -> its Gumbel-max uniforms [V] float64
 
     def uniform(self, k: int) -> float:
@@ -39,12 +41,14 @@ class RequestNoise:
         if u is None or u.shape[0] != vocab_size:
             for old in [j for j in self.rows if j < emitted]:
                 del self.rows[old]
-            u = self.rows[k] = torch.rand(vocab_size, generator=self._generator(k, _GUMBEL_STREAM), dtype=torch.float64)
+            u = self.rows[k] = torch.rand(vocab_size, generator=self._generator(k, _GUMBEL_STREAM, self.device),
+                                          dtype=torch.float64, device=self.device)
         return u
 
-    def _generator(self, k: int, stream: int = 0) -> torch.Generator:
+    def _generator(self, k: int, stream: int = 0, device: torch.device | None = None) -> torch.Generator:
         """A generator seeded by (request seed, output position k), xor `stream` to keep draws apart."""
-        return torch.Generator().manual_seed((self.seed * 0x9E3779B1 + k) % 2**63 ^ stream)
+        g = torch.Generator() if device is None or device.type == "cpu" else torch.Generator(device)
+        return g.manual_seed((self.seed * 0x9E3779B1 + k) % 2**63 ^ stream)
 
 
 class PositionNoise:

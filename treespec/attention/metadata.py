@@ -31,7 +31,7 @@ class SeqAttention:
         n, length, pending = self.n, self.cache.length, self.cache.pending
         dev = positions.device
         if self.tree_mask is not None:
-            new = self.tree_mask
+            new = self.tree_mask.to(dev)  # built on the host by the tree; a no-op on the CPU
         else:  # a chain continuing after any earlier pending slots
             new = torch.ones(n, pending, dtype=torch.bool, device=dev).tril(pending - n)
         m = torch.cat([torch.ones(n, length, dtype=torch.bool, device=dev), new], dim=1)

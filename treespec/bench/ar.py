@@ -62,7 +62,8 @@ def run_treespec(llm: LLM, prompts: list[list[int]], max_tokens: int) -> ArResul
 
 
 def build_hf_model(llm: LLM) -> torch.nn.Module:
-    """transformers' own model class over the same (dequantized) weights: the reference implementation."""
+    """transformers' own model class over the same (dequantized) weights, on treespec's device and dtype: the
+    reference implementation."""
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = dict(llm.model_config)
     hf_cfg = AutoConfig.for_model(**cfg)
@@ -75,14 +76,14 @@ def build_hf_model(llm: LLM) -> torch.nn.Module:
         raise RuntimeError(f"HF model is missing weights: {missing[:5]}")
     if getattr(hf_cfg, "tie_word_embeddings", False):
         model.tie_weights()
-    return model.eval()
+    return model.to(llm.placement.device, llm.placement.dtype).eval()
 
 
 @torch.inference_mode()
 def run_hf(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int) -> ArResult:
     tokens, decode = 0, 0.0
     for ids in prompts:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         t0 = time.perf_counter()
         model.generate(x, max_new_tokens=1, min_new_tokens=1, do_sample=False)
         prefill = time.perf_counter() - t0

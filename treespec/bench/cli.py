@@ -5,7 +5,7 @@ import argparse
 import time
 from pathlib import Path
 
-from treespec.cli_args import parallel_kwargs, parse_methods
+from treespec.cli_args import load_kwargs, parse_methods
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods = parse_methods(args.method) if args.mode == "spec" else {"plain": None}
     t0 = time.perf_counter()
     llm = LLM(args.model, num_threads=args.threads, weight_quantization=args.weight_quantization, progress=True,
-              **parallel_kwargs(args))
+              **load_kwargs(args))
     load_s = time.perf_counter() - t0
     print(f"model loaded in {load_s:.1f} s")
     if args.mode == "ar":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from treespec.bench.dataset import BenchPrompt, load_prompts
-from treespec.cli_args import parallel_kwargs, parse_methods
+from treespec.cli_args import load_kwargs, parse_methods
 
 REQUEST_TIMEOUT_S = 600.0
 
@@ -151,7 +151,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     prompts = [p.text for p in interleave(load_prompts(args.dataset, args.limit))]
     llm = LLM(args.model, num_threads=args.threads, weight_quantization=args.weight_quantization,
               max_num_seqs=max(levels), max_waiting=max(256, 2 * max(levels)), progress=True,
-              **parallel_kwargs(args))
+              **load_kwargs(args))
     results: list[LevelResult] = []
     for method, spec in parse_methods(args.method).items():
         app = create_app(AsyncEngine(llm.make_engine(spec)), llm.tokenizer, model_name=args.model)

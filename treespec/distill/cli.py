@@ -20,7 +20,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ckpt = check_resume(out, cfg) if args.resume else None  # fail before loading the model
     # generation batches many requests (the engine's defaults are tuned for serving latency)
-    llm = LLM(args.target, num_threads=args.threads, progress=True, max_num_seqs=48, max_num_batched_tokens=1024)
+    llm = LLM(args.target, num_threads=args.threads, progress=True, max_num_seqs=48, max_num_batched_tokens=1024,
+              device="cpu")  # the teacher pass reads fp32 CPU features
     if ckpt is not None and ckpt.data != data_cfg.key(str(llm.checkpoint_source)):
         raise ConfigError("--resume: the checkpoint was trained on a dataset built with other arguments")
     data = build_dataset(llm, data_cfg, out)

@@ -21,6 +21,7 @@ import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.config import DrafterConfig, DraftSampling
+from treespec.device import Placement
 from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.drafters.growth import BestFirstGrowth, Coupling, Growth, StaticGrowth, SubsetQ
 from treespec.errors import ConfigError, ModelLoadError
@@ -91,13 +92,14 @@ class ModelDrafter(ConfiguredDrafter):
         self.coupled_rate = 0.5  # see Coupling; learned from verification results
 
     @classmethod
-    def load(cls, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module, tokenizer) -> "ModelDrafter":
-        """Load the SSM at cfg.model; refuse one whose vocabulary differs from the target's."""
+    def load(cls, cfg: DrafterConfig, drafter_id: int, target: torch.nn.Module, tokenizer,
+             placement: Placement | None = None) -> "ModelDrafter":
+        """Load the SSM at cfg.model (with the target's placement); refuse one whose vocabulary differs."""
         from treespec.models.registry import build_model
         from treespec.weights.loader import load_checkpoint
         try:
             ckpt = load_checkpoint(cfg.model)
-            model = build_model(ckpt.config, ckpt.tensors)
+            model = build_model(ckpt.config, ckpt.tensors, placement=placement)
         except ModelLoadError as e:
             raise ConfigError(f"model: cannot load the draft model {cfg.model!r}: {e}") from None
         check_vocabulary(tokenizer, ckpt.tokenizer, target.config.vocab_size, model.config.vocab_size)

@@ -8,20 +8,23 @@ from pathlib import Path
 import torch
 
 from treespec.config import DrafterConfig, DrafterMethod, DraftRequests, DraftSampling, SpecConfig
+from treespec.device import Placement
 from treespec.drafters.base import ConfiguredDrafter
 from treespec.drafters.ngram import NgramDrafter
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "drafters"  # one directory per target alias
 
 
-def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer) -> list[ConfiguredDrafter]:
+def build_drafters(spec: SpecConfig, target: torch.nn.Module, tokenizer,
+                   placement: Placement | None = None) -> list[ConfiguredDrafter]:
+    """The configured drafters; draft models are loaded with the target's placement (device, dtype, kernels)."""
     drafters: list[ConfiguredDrafter] = []
     for i, cfg in enumerate(spec.drafters):
         if cfg.method is DrafterMethod.NGRAM:
             drafters.append(NgramDrafter(cfg, i, tokenizer))
         elif cfg.method is DrafterMethod.DRAFT_MODEL:
             from treespec.drafters.model import ModelDrafter
-            drafters.append(ModelDrafter.load(cfg, i, target, tokenizer))
+            drafters.append(ModelDrafter.load(cfg, i, target, tokenizer, placement))
         elif cfg.method is DrafterMethod.LAYER_SKIP:
             from treespec.drafters.layer_skip import LayerSkipDrafter
             drafters.append(LayerSkipDrafter(cfg, i, target))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from treespec.device import synchronize
 
 GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 # Ordinary prose for the measurement (see CostModel.measure), tokenized by the model's own tokenizer.
@@ -86,6 +87,7 @@ class CostModel:
                     t = time.perf_counter()
                     cache.reserve(n)
                     head(model(tokens[prefix:prefix + n], prefix + torch.arange(n), single(cache, n)))
+                    synchronize(model.device)
                     best = min(best, time.perf_counter() - t)
                     cache.truncate(prefix)
                 curves[name][n] = best

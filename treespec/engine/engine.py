@@ -54,7 +54,8 @@ class LLMEngine:
         self.max_len = min(config.max_model_len or model.config.max_position_embeddings,
                            model.config.max_position_embeddings)
         c = model.config
-        slot_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4  # fp32 K and V of one token
+        itemsize = model.embed_tokens.weight.element_size()  # the cache's dtype is the model's
+        slot_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * itemsize  # K and V of one token
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                                    kv_budget_tokens=config.kv_cache_bytes // slot_bytes,
                                    tree_slots=(self.spec.budget or 64) + 1 if self.spec.enabled else 1)
@@ -75,7 +76,8 @@ class LLMEngine:
         for name, ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids or [])):
             if any(not 0 <= t < vocab for t in ids):
                 raise ConfigError(f"{name}: token id outside the vocabulary (0..{vocab - 1})")
-        req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, speculate=speculate)
+        req = Request(request_id or f"req-{next(self._ids)}", list(prompt_ids), params, speculate=speculate,
+                      device=self.model.device)
         self.scheduler.add(req)
         req.cache = self.model.new_cache(self.max_len)
         req.detokenizer = IncrementalDetokenizer(self.tokenizer)

@@ -83,12 +83,13 @@ class Request:
     stop_checked: int = 0                       # chars of `text` already searched for stop strings
     num_streamed: int = 0                       # chars of `text` already handed to the caller
     detokenizer: Any = None                     # IncrementalDetokenizer, set by the engine
+    device: torch.device = torch.device("cpu")  # the model's: where the Gumbel noise rows are drawn
     noise: RequestNoise = field(init=False, repr=False)  # seeded per-position noise (treespec.noise)
 
     def __post_init__(self) -> None:
         self.generator = make_generator(self.params.seed)
         self.noise = RequestNoise(self.params.seed if self.params.seed is not None
-                                  else int(torch.randint(0, 2**62, ())))
+                                  else int(torch.randint(0, 2**62, ())), self.device)
 
     def position_noise(self, vocab_size: int) -> PositionNoise:
         """The noise below this step's root: depth d is output position len(output_ids) + d."""

@@ -117,7 +117,9 @@ def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[Tok
                 hiddens: list[torch.Tensor], noise: list[PositionNoise]) -> list[TargetScores]:
     """Run the head once for the whole batch: one fp16 screen GEMM for every ARGMAX and GUMBEL row (when no row
     samples, the greedy rows' argmax picks its own path), full fp32 logits (then penalties and the sampling
-    transforms) for the FULL ones. noise: each request's (GUMBEL rows draw with it)."""
+    transforms) for the FULL ones. noise: each request's (GUMBEL rows draw with it).
+    Results reach the host once per step (argmax) or once per tree (draws, probabilities): the acceptance walks
+    in verify/ then read host tensors, never a device value per node."""
     paths = [head_path(r, t) for r, t in zip(requests, trees)]
     out = [TargetScores() for _ in requests]
     head = model.lm_head
@@ -131,7 +133,7 @@ def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[Tok
         argmax = [k for k, i in enumerate(fast) if paths[i] is HeadPath.ARGMAX]  # positions within `fast`
         if argmax:
             am = head.argmax(torch.cat([hiddens[fast[k]] for k in argmax]),
-                             None if screened is None else torch.cat([rows[k] for k in argmax]))
+                             None if screened is None else torch.cat([rows[k] for k in argmax])).cpu()
             for k, a in zip(argmax, am.split([sizes[k] for k in argmax])):
                 out[fast[k]].argmax = a
         for k, i in enumerate(fast):
@@ -146,7 +148,7 @@ def score_trees(model: torch.nn.Module, requests: list[Request], trees: list[Tok
             if r.params.has_penalties:
                 logits = apply_penalties(logits, r.params, r.prompt_ids, node_histories(r, tree))
             if r.params.greedy:
-                out[i].argmax = logits.argmax(dim=-1)
-            else:
-                out[i].probs = logits_to_probs(logits, r.params)
+                out[i].argmax = logits.argmax(dim=-1).cpu()
+            else:  # the acceptance walk reads single probabilities: on the host, one transfer per tree
+                out[i].probs = logits_to_probs(logits, r.params).cpu()
     return out

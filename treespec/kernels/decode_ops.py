@@ -35,7 +35,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim; weight [D], or [P, D] for x's last two dims.
     The checks stay few: at one row this wrapper costs more than the kernel (~1 us)."""
     ext = compiled()
-    if ext is None or x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.shape[-1] % 8 \
+    if ext is None or not x.is_cpu or x.dtype is not torch.float32 or weight.dtype is not torch.float32 or x.shape[-1] % 8 \
             or x.requires_grad or weight.requires_grad or not weight.is_contiguous() or x.numel() == 0:
         return reference_rms_norm(x, weight, eps)
     return ext.rms_norm(x, weight, eps)
@@ -53,7 +53,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """The kernel's attention, or None when it does not take this call (too many rows, no kernel, odd shapes):
     the caller then uses torch's."""
     ext = compiled()
-    if ext is None or q.shape[1] > MAX_KERNEL_ROWS or q.dtype != torch.float32 or q.shape[-1] % 8 \
+    if ext is None or not q.is_cpu or q.shape[1] > MAX_KERNEL_ROWS or q.dtype != torch.float32 or q.shape[-1] % 8 \
             or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
             or q.requires_grad or k.requires_grad or v.requires_grad:
         return None

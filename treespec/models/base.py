@@ -54,25 +54,31 @@ class CausalLM(HFLoadable):
         blocks: the decoder blocks to run, in order (default all of self.layers; self-speculative drafting runs a
         subset of them, or quantized copies, each writing the cache layer of its own index).
         """
+        tokens, positions = tokens.to(self.device), positions.to(self.device)  # no-ops on the CPU
         return self.norm(self.run_blocks(self.embed_tokens(tokens), positions, seqs, blocks))
 
     def run_blocks(self, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
                    blocks: Sequence[torch.nn.Module] | None = None) -> torch.Tensor:
         """The decoder blocks over hidden states h: [T, D] -> [T, D], before the final norm (a pipeline stage runs
         its own blocks on the activations the previous stage sent)."""
-        full = self.rope_full.lookup(positions)
-        local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions)
+        full = self.rope_full.lookup(positions, h.dtype)
+        local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions, h.dtype)
         batch = ForwardBatch(seqs, positions, {False: full, True: local})
         for block in self.layers if blocks is None else blocks:
             h = block(h, batch)
         return h
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [T, D] -> [T, V] fp32
         return self.lm_head.logits(hidden)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=torch.float32)
+        w = self.embed_tokens.weight  # the cache follows the model's device and dtype
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, dtype=w.dtype, device=w.device)
 
     # ------------------------------------------------------------------------------------------- weights
 

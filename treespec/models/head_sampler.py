@@ -66,15 +66,33 @@ def _block_ids(blocks: torch.Tensor, v: int) -> torch.Tensor:  # blocks: [B] -> 
     return ids[ids < v]
 
 
+def gumbel_draws(head: LMHead, hidden: torch.Tensor, u: torch.Tensor,
+                 temperature: float) -> torch.Tensor:  # hidden: [n, D], u: [n, V] float64 -> [n] long
+    """Every row's draw argmax_v (x_v / T + g(u_v)) at once (the portable head: no screen, one batched product),
+    x as gumbel_sample takes it without a screen."""
+    if head.vocab_size > 4 * MAX_RESCORE:
+        x = head.logits(hidden).double()
+    else:
+        x = capped(hidden.double() @ head.weight.double().t(), head.softcap)
+    return (x / temperature + gumbel(u)).argmax(dim=-1)
+
+
 class NodeSampler:
-    """The target's draw at each node of one request's tree (called along the walk, so only visited nodes pay)."""
+    """The target's draw at each node of one request's tree (called along the walk, so only visited nodes pay).
+    With a portable head every node is drawn up front in one batched argmax, and reaches the host once."""
 
     def __init__(self, head: LMHead, hidden: torch.Tensor, depth: torch.Tensor, noise: PositionNoise,
                  temperature: float, screen: torch.Tensor | None) -> None:  # hidden: [n, D], screen: [n, V]
         self.head, self.hidden, self.depth, self.noise = head, hidden, depth.tolist(), noise
         self.temperature, self.screen = temperature, screen
+        self.draws: list[int] | None = None
+        if head.portable:
+            u = torch.stack([noise.gumbel_uniforms(d) for d in self.depth])
+            self.draws = gumbel_draws(head, hidden, u, temperature).tolist()
 
     def __call__(self, node: int) -> int:
+        if self.draws is not None:
+            return self.draws[node]
         s = None if self.screen is None else self.screen[node]
         u = self.noise.gumbel_uniforms(self.depth[node])
         return gumbel_sample(self.head, self.hidden[node], u, self.temperature, s)

@@ -58,10 +58,12 @@ _MM_MAX_ROWS = 64  # without a packed weight: up to here the transposed product 
 
 
 class Linear(nn.Linear):
-    """nn.Linear for inference on CPU: 1-2 rows through `few_rows_linear`, 3+ rows through a oneDNN copy of
-    the weight made by `pack()` once the weights are final (see models/matmul.py for the measurements)."""
+    """nn.Linear for inference. With the CPU products (models/device_kernels.py: the default): 1-2 rows through
+    `few_rows_linear`, 3+ rows through a oneDNN copy of the weight made by `pack()` once the weights are final
+    (see models/matmul.py for the measurements). With the portable ones: F.linear."""
 
     packed: torch.Tensor | None = None  # not a parameter: derived from `weight`, never saved
+    cpu_products = True                 # False: plain F.linear (set once at load by models/device_kernels.py)
 
     def pack(self) -> bool:
         """Make (or refresh) the packed copy of the current weight; False when oneDNN is unavailable."""
@@ -71,7 +73,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, in] -> [T, out]
         if self.packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
             return packed_linear(x, self.packed, self.bias)
-        if x.shape[0] > _MM_MAX_ROWS:
+        if x.shape[0] > _MM_MAX_ROWS or not self.cpu_products:
             return F.linear(x, self.weight, self.bias)
         y = few_rows_linear(self.weight, x)
         if self.bias is not None:
@@ -104,7 +106,10 @@ def _split(linear: Linear, names: tuple[str, ...], rows: tuple[int, ...]) -> dic
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., d] normalised over its last dim, times weight (broadcast against x: one row per head is fine).
-    One C++ call where the kernel is built (decoding runs ~90 of these per token: kernels/decode_ops.py)."""
+    One C++ call where the kernel is built (decoding runs ~90 of these per token: kernels/decode_ops.py).
+    Norm weights stay fp32 under a bf16/fp16 model: x is normalised in fp32 and rounded back, as transformers does."""
+    if x.dtype != weight.dtype:
+        return rms_norm(x.float(), weight, eps).to(x.dtype)
     return decode_ops.rms_norm(x, weight, eps)
 
 
@@ -175,12 +180,15 @@ class RotaryTable(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         self.cos, self.sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] -> cos, sin: [T, 1, hd] (broadcast over heads)."""
+    def lookup(self, positions: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, hd] (broadcast over heads), computed in fp32 and given in `dtype`
+        (the activations' dtype, as transformers rounds them)."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             self._fill(max(need, 2 * self.cos.shape[0]))
-        return self.cos[positions, None], self.sin[positions, None]
+        cos, sin = self.cos[positions, None], self.sin[positions, None]
+        return (cos, sin) if dtype == cos.dtype else (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

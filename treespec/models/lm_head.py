@@ -174,13 +174,16 @@ def fp16_ops_available() -> bool:
 class LMHead:
     """Logits and greedy choice over a [V, D] output matrix (possibly the tied input embedding; never copied)."""
 
-    def __init__(self, weight: torch.Tensor, softcap: float | None = None) -> None:  # weight: [V, D] fp32
-        if weight.dim() != 2 or weight.dtype != torch.float32:
+    def __init__(self, weight: torch.Tensor, softcap: float | None = None,
+                 portable: bool = False) -> None:  # weight: [V, D] fp32 (any float dtype when portable)
+        """portable: plain products only (models/device_kernels.py): F.linear logits, their argmax, no fp16 screen."""
+        if weight.dim() != 2 or not (weight.dtype == torch.float32 or portable and weight.is_floating_point()):
             raise ValueError(f"LMHead wants a 2-D fp32 weight, got {tuple(weight.shape)} {weight.dtype}")
         if softcap is not None and not softcap > 0:
             raise ValueError(f"softcap must be positive, got {softcap}")
         self.weight = weight
         self.softcap = softcap
+        self.portable = portable
         self.stats = HeadStats()
         self.screen: Fp16Screen | None = None  # built by prepare(); None = exact fp32 path
         self.blocks_head: Q8Head | None = None  # set by use_blocks_head(): argmax of few rows from the blocks
@@ -193,7 +196,7 @@ class LMHead:
     @property
     def screen_wanted(self) -> bool:
         """Whether argmax() goes through the fp16 screen (big enough vocabulary and fbgemm present)."""
-        return self.vocab_size >= MIN_SCREEN_VOCAB and fp16_ops_available()
+        return not self.portable and self.vocab_size >= MIN_SCREEN_VOCAB and fp16_ops_available()
 
     def prepare(self) -> bool:
         """Pack the fp16 copy now (seconds and +V*D*2 bytes for a big head) instead of on the first argmax().
@@ -217,10 +220,13 @@ class LMHead:
         """Weight bytes one argmax() of one row reads: the blocks, the fp16 copy (screen) or the fp32 head."""
         if self.blocks_head is not None:
             return self.blocks_head.nbytes
-        return self.weight.numel() * (2 if self.screen_wanted else 4)
+        return self.weight.numel() * (2 if self.screen_wanted else self.weight.element_size())
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32
-        """Exact fp32 logits (softcapped if configured), through `few_rows_linear` (2-4x faster than F.linear)."""
+        """Exact fp32 logits (softcapped if configured), through `few_rows_linear` (2-4x faster than F.linear on
+        the CPU); portable: F.linear in the weights' dtype, then fp32."""
+        if self.portable:
+            return capped(torch.nn.functional.linear(h, self.weight).float(), self.softcap)
         return capped(few_rows_linear(self.weight, h).contiguous(), self.softcap)
 
     def rows(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # h: [T, D], ids: [T, K] or [K] -> [T, K]
@@ -229,7 +235,7 @@ class LMHead:
             z = torch.mm(torch.index_select(self.weight, 0, ids), h.t()).t()
         else:
             z = torch.bmm(self.weight[ids], h.unsqueeze(-1)).squeeze(-1)
-        return capped(z, self.softcap)
+        return capped(z.float(), self.softcap)
 
     def screen_logits(self, h: torch.Tensor) -> torch.Tensor | None:  # h: [T, D] -> [T, V] fp32 or None
         """The fp16 screen's logits (one GEMM over half the head's bytes); None when there is no screen."""

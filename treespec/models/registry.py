@@ -10,12 +10,13 @@ from typing import Any
 import torch
 
 from treespec.attention import AttentionBackend
+from treespec.device import Placement
 from treespec.errors import ModelLoadError
 from treespec.models.base import CausalLM
 from treespec.models.config import ModelConfig
+from treespec.models.device_kernels import apply_kernels
 from treespec.models.family import Family
 from treespec.models.gemma3 import GEMMA3
-from treespec.models.layers import pack_linears
 from treespec.models.llama import LLAMA
 from treespec.models.mistral import MISTRAL
 from treespec.models.qwen2 import QWEN2
@@ -48,14 +49,14 @@ def model_config(config: dict[str, Any]) -> ModelConfig:
 
 
 def build_model(config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                attention: AttentionBackend | None = None) -> CausalLM:
-    """An fp32 CPU model from an HF config dict and HF-named tensors; ModelLoadError if they don't fit.
+                attention: AttentionBackend | None = None, placement: Placement | None = None) -> CausalLM:
+    """A model from an HF config dict and HF-named tensors; ModelLoadError if they don't fit.
 
     attention: force a kernel (default: SDPA, or the reference where a logit softcap needs it).
-    The projections get their oneDNN copies here (models/matmul.py), once the weights are final.
+    placement: device, dtype and kernel set (default: fp32 on the CPU with the CPU kernels, whose oneDNN copies of
+    the projections are made here, once the weights are final: models/device_kernels.py).
     """
     fam = family(config.get("model_type"))
     model = fam.model(fam.config(config), attention)
     model.load_state_dict_hf(tensors)
-    pack_linears(model)
-    return model.eval()
+    return apply_kernels(model, placement or Placement()).eval()

@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from treespec.api import LLM
-from treespec.cli_args import API_KEY_ENV, parallel_kwargs, spec_from_args
+from treespec.cli_args import API_KEY_ENV, load_kwargs, spec_from_args
 from treespec.config import ExecutorBackend
 from treespec.engine.async_engine import AsyncEngine
 from treespec.errors import ConfigError
@@ -120,4 +120,4 @@ def _make_llm(args: argparse.Namespace) -> LLM:
     return LLM(args.model, speculative_config=spec_from_args(args), max_model_len=args.max_model_len,
                weight_quantization=args.weight_quantization, num_threads=args.threads,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               max_waiting=args.max_waiting, **parallel_kwargs(args))
+               max_waiting=args.max_waiting, **load_kwargs(args))
