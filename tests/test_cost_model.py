@@ -1,6 +1,7 @@
 """Tree sizing: the cost curve, node allocation across requests, pruning, measurement and its cache."""
 import json
 
+import pytest
 import torch
 from tiny_hf import hf_model, twin
 
@@ -58,3 +59,52 @@ def test_measure_and_cache(tmp_path, monkeypatch):
     assert set(json.loads(cached.read_text())) == {"greedy", "sampled"}
     again = CostModel.load_or_measure(model, "tiny")
     assert again.greedy.as_dict() == cm.greedy.as_dict()  # read back, not re-measured
+
+
+def test_observed_steps_confirm_or_correct_a_point_and_one_spike_does_not():
+    c = CostCurve({1: 1.0, 2: 10.0, 4: 20.0})
+    for t in (1.1, 0.9, 1.0):  # within a factor 2: confirmed, unchanged
+        assert not c.observe(1, t)
+    assert c.points[1] == 1.0 and 1 in c.confirmed
+    assert not c.observe(2, 1.0) and not c.observe(2, 50.0)  # one spike among fast steps: the median holds
+    assert c.observe(2, 1.2) and c(2) == pytest.approx(10.0 * 0.12)  # 10x too pessimistic: corrected
+    assert c(4) == 20.0 and 2 not in c.confirmed
+
+
+def test_probe_size_is_the_next_unconfirmed_grid_point():
+    c = CostCurve({1: 1.0, 2: 1.0, 4: 1.0})
+    assert c.probe_size(1) == 2 and c.probe_size(3) == 4 and c.probe_size(4) is None
+    for _ in range(3):
+        c.observe(2, 1.0)
+    assert c.probe_size(1) is None and c.probe_size(2) == 4
+
+
+def _pessimistic(model, factor: float) -> dict[str, dict[int, float]]:
+    """The model's measured curve with every point past n = 1 `factor` times too expensive."""
+    true = CostModel.measure(model, [5, 6, 7, 8] * 8)
+    return {k: {n: t * (factor if n > 1 else 1.0) for n, t in v.items()} for k, v in true.as_dict().items()}
+
+
+def test_a_cached_curve_ten_times_too_pessimistic_does_not_keep_speculation_off(tmp_path):
+    """A curve measured while the machine was busy makes every draft node look too expensive; the engine's own
+    verify times (and probes one grid size up) correct it within a few steps, and the correction is cached."""
+    from serving_tiny import tiny_tokenizer
+
+    from treespec.config import EngineConfig, SpecConfig
+    from treespec.drafters.registry import build_drafters
+    from treespec.engine.engine import LLMEngine
+    from treespec.sampling import SamplingParams
+    model = twin(hf_model("gemma3"))  # its greedy output repeats one token: every n-gram draft is accepted
+    path = tmp_path / "cost.json"
+    pessimistic = _pessimistic(model, 10.0)
+    cost = CostModel(**pessimistic, path=path)
+    spec = SpecConfig.parse({"method": "ngram"})
+    assert allocate_nodes([torch.tensor([0.9, 0.9, 0.9])], cost.greedy, 0.0, budget=64) == [0]  # speculation off
+    tok = tiny_tokenizer()
+    engine = LLMEngine(model, tok, EngineConfig(model="tiny"), spec, build_drafters(spec, model, tok), cost)
+    req = engine.add_request([5, 6, 7, 8] * 6, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    assert req.metrics.mean_tokens_per_step > 1.5, req.metrics
+    cached = {k: {int(n): t for n, t in v.items()} for k, v in json.loads(path.read_text()).items()}
+    assert cached == cost.as_dict() != CostModel(**pessimistic).as_dict()  # the corrected curve is written back
