@@ -31,11 +31,15 @@ CALIBRATION_TEXT = (
 _VERSION = 3  # bump when the forward's speed changes enough to invalidate cached measurements
 
 
-# Online correction (CostCurve.observe): a grid point whose last OBSERVATIONS step times (all within one grid
-# point's reach) sit a factor DRIFT or more away from the curve takes their median; a cached curve measured on a
-# busy machine (steep: speculation never looks worth it) is thereby corrected from the engine's own steps.
+# Online correction (CostCurve.observe). What sizes trees is the curve's shape (c(n) against c(1) and its
+# neighbours), so an observed step is read against the machine's current load: its ratio to the curve divided by
+# the median ratio of the last LOAD_WINDOW steps (of any size). A grid point whose last OBSERVATIONS load-relative
+# ratios have a median a factor DRIFT or more away from 1 is rescaled by it. A curve measured on a busy machine
+# (steep: speculation never looks worth it) is thereby corrected, while a busy spell, which slows every size
+# alike, corrects nothing.
 DRIFT = 2.0
 OBSERVATIONS = 3
+LOAD_WINDOW = 3
 
 
 class CostCurve:
@@ -47,7 +51,8 @@ class CostCurve:
 
     def __init__(self, points: dict[int, float]) -> None:
         self.points = dict(points)
-        self.ratios: dict[int, deque[float]] = {n: deque(maxlen=OBSERVATIONS) for n in points}
+        self.load: deque[float] = deque(maxlen=LOAD_WINDOW)  # observed / predicted of recent steps, any size
+        self.ratios: dict[int, deque[float]] = {n: deque(maxlen=OBSERVATIONS) for n in points}  # load-relative
         self.confirmed: set[int] = set()  # grid points whose observed cost agrees with the curve
         self._smooth()
 
@@ -71,8 +76,9 @@ class CostCurve:
     def observe(self, n: int, seconds: float) -> bool:
         """A step over n query tokens took `seconds`; True if that corrected the curve."""
         g = min(self.ns, key=lambda m: (abs(m - n), m))
+        self.load.append(seconds / self(n))
         ratios = self.ratios[g]
-        ratios.append(seconds / self(n))
+        ratios.append(self.load[-1] / statistics.median(self.load))
         if len(ratios) < OBSERVATIONS:
             return False
         ratio = statistics.median(ratios)
