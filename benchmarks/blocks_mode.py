@@ -1,7 +1,8 @@
 """weight_quantization 'none' (dequantized fp32) vs 'blocks' on one GGUF, both loaded in one process and run
 interleaved prompt by prompt: plain greedy and n-gram tokens/s on Spec-Bench prompts (completion form,
 bench/prompt_form.py, unless --chat), and whether blocks' greedy output equals fp32's. At a difference it prints
-both models' top two logits after the common prefix: a near-tie (a gap near fp32 summation noise) explains it, a wide gap would be a bug.
+both models' top two logits after the common prefix: a near-tie (a gap near fp32 summation noise) explains it, a
+wide gap would be a bug.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/blocks_mode.py \\
         [--limit 3] [--max-tokens 96] [--dataset F] [--threads 2] [--chat]

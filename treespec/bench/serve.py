@@ -1,9 +1,8 @@
-"""`treespec bench --mode serve`: a load generator against the live OpenAI server, plain vs speculative.
-
-The model loads once; each method gets its own engine and an in-process server on a loopback port. For each
-concurrency c, c closed-loop streaming clients send greedy requests, chat or completion as `--prompt-form` says
-(max(4, 2c) in all, from the Spec-Bench prompts, categories interleaved). Reported per (method, c): throughput (completion tokens / wall
-time), time to first token and inter-token latency p50/p99. A chunk that carries k tokens (speculation emits
+"""`treespec bench --mode serve`: a load generator against the live OpenAI server, plain vs speculative. The model
+loads once; each method gets its own engine and an in-process server on a loopback port. For each concurrency c, c
+closed-loop streaming clients send greedy requests, chat or completion as `--prompt-form` says (max(4, 2c) in all,
+from the Spec-Bench prompts, categories interleaved). Reported per (method, c): throughput (completion tokens /
+wall time), time to first token and inter-token latency p50/p99. A chunk that carries k tokens (speculation emits
 several per step) counts as k inter-token gaps of (gap / k); token counts come from vLLM-style
 `continuous_usage_stats`.
 """
