@@ -1,7 +1,8 @@
 """weight_quantization 'none' (dequantized fp32) vs 'blocks' on one GGUF, both loaded in one process and run
-interleaved prompt by prompt: plain greedy and n-gram tokens/s on Spec-Bench prompts (completion form unless
---chat), and whether blocks' greedy output equals fp32's. At a difference it prints both models' top two logits
-after the common prefix: a near-tie (a gap near fp32 summation noise) explains it, a wide gap would be a bug.
+interleaved prompt by prompt: plain greedy and n-gram tokens/s on Spec-Bench prompts (completion form,
+bench/prompt_form.py, unless --chat), and whether blocks' greedy output equals fp32's. At a difference it prints
+both models' top two logits after the common prefix: a near-tie (a gap near fp32 summation noise) explains it, a
+wide gap would be a bug.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/blocks_mode.py \\
         [--limit 3] [--max-tokens 96] [--dataset F] [--threads 2] [--chat]
@@ -15,6 +16,7 @@ import torch
 from treespec.api import LLM
 from treespec.attention.metadata import SeqAttention
 from treespec.bench.dataset import load_prompts
+from treespec.bench.prompt_form import PromptForm, encode
 from treespec.bench.spec_bench import RunRecord, run_methods, summarize
 from treespec.sampling import SamplingParams
 
@@ -62,13 +64,14 @@ def main() -> None:
     llms = {m: LLM(args.model, weight_quantization=m, num_threads=args.threads) for m in MODES}
     prompts = load_prompts(args.dataset, args.limit)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    form = PromptForm.CHAT if args.chat else PromptForm.COMPLETION
     records: dict[str, list[RunRecord]] = {m: [] for m in MODES}
     for n, p in enumerate(prompts):
         for m in MODES:  # interleaved, so both modes see the same machine load
-            records[m] += run_methods(llms[m], METHODS, [p], params, chat=args.chat, progress=False)
+            records[m] += run_methods(llms[m], METHODS, [p], params, form, progress=False)
         print(f"prompt {n + 1}/{len(prompts)} done", flush=True)
     summary = {m: summarize(records[m]) for m in MODES}
-    print(f"\n{args.model}, {len(prompts)} prompts, {args.max_tokens} tokens, {'chat' if args.chat else 'completion'} "
+    print(f"\n{args.model}, {len(prompts)} prompts, {args.max_tokens} tokens, {form.value} "
           f"form, {args.threads} threads, greedy")
     print("| method | fp32 tok/s | blocks tok/s | blocks / fp32 | tokens/step fp32 / blocks | == plain fp32 / blocks |")
     print("|---|---|---|---|---|---|")
@@ -80,7 +83,7 @@ def main() -> None:
     ngram_vs_plain = summary["blocks"]["ngram"]["overall"]["tokens_per_s"] / summary["none"]["plain"]["overall"][
         "tokens_per_s"]
     print(f"blocks + ngram vs fp32 plain: x{ngram_vs_plain:.2f}")
-    ids = [llms["none"].encode_prompt(p.text, chat=args.chat) for p in prompts]
+    ids = [encode(llms["none"], p, form) for p in prompts]
     compare_outputs(llms, ids, {m: [r for r in records[m] if r.method == "plain"] for m in MODES})
     print("head rows decided from the Q8_0 blocks:", llms["blocks"].target.lm_head.stats)
 

@@ -243,3 +243,23 @@ def test_shipped_drafter_is_small_and_found_for_the_default_model():
     cfg, tensors, ids = load_drafter(shipped)
     assert cfg.kind is DraftNetKind.HEAD and cfg.target == "gemma-3-270m" and ids.numel() == cfg.draft_vocab_size
     assert shipped_drafters(resolve_model("gemma-3-270m")) == [shipped]
+
+
+@pytest.mark.parametrize("name", ["head", "ssm"])
+def test_one_token_prompt_drafts_nothing_first_then_drafts(drafter_dirs, name, caplog):
+    """A 1-token prompt leaves the draft's context (the request's tokens minus the first) empty on the first step:
+    propose returns the bare root instead of failing, and drafting starts once a token has been generated."""
+    target, dirs = drafter_dirs
+    spec = SpecConfig.parse({"method": "learned", "model": dirs[name], "num_speculative_tokens": 3, "branch": 2})
+    (drafter,) = build_drafters(spec, target, None)
+    req = Request("one", [42], dataclasses.replace(GREEDY))
+    req.cache = target.new_cache(64)
+    (tree,) = drafter.propose([DraftRequest(req, max_nodes=4, max_depth=3, sampling=DraftSampling.DETERMINISTIC,
+                                            noise=None)])
+    assert tree.n == 1 and int(tree.tokens[0]) == 42
+    _, plain = run(target, None, prompts=[[42]])
+    with caplog.at_level("WARNING"):
+        engine, spec_reqs = run(target, {"method": "learned", "model": dirs[name], "num_speculative_tokens": 3,
+                                         "branch": 2, "budget": 6}, prompts=[[42]])
+    assert "failed" not in caplog.text
+    assert spec_reqs[0].output_ids == plain[0].output_ids and engine.stats.num_draft_tokens > 0

@@ -2,6 +2,8 @@
 fp64 product, on random blocks of every supported type; per-row independence; the opt-in model path."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +182,15 @@ def test_tiny_gguf_from_blocks_greedy_equals_dequantized(arch: str, qtypes: tupl
         outs.append(out)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
     assert outs[1] == outs[0]
+
+
+def test_a_killed_builds_lock_is_removed_a_live_one_kept(tmp_path) -> None:
+    lock = tmp_path / "lock"
+    lock.touch()
+    kernel._drop_stale_lock(tmp_path)
+    assert lock.exists()  # a build in progress elsewhere: wait for it
+    old = time.time() - kernel.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    kernel._drop_stale_lock(tmp_path)
+    assert not lock.exists()
+    kernel._drop_stale_lock(tmp_path)  # nothing there: nothing to do

@@ -11,6 +11,7 @@ import math
 import sys
 from typing import Any
 
+from treespec.bench.prompt_form import PromptForm
 from treespec.config import ExecutorBackend, WeightQuantization
 from treespec.device import DType, Kernels, resolve_device
 from treespec.errors import ConfigError, TreespecError
@@ -130,7 +131,10 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0, help="spec mode: 0 = greedy (default), else sampled")
     b.add_argument("--seed", type=int, default=0, help="spec mode: sampling seed of every request")
-    b.add_argument("--no-chat", action="store_true", help="feed prompts raw instead of through the chat template")
+    b.add_argument("--prompt-form", choices=[f.value for f in PromptForm], default="auto",
+                   help="chat: through the chat template; completion: 'Question: ...\\nAnswer:' text to continue; "
+                        "auto (default): chat only for a checkpoint with its own chat template, not named a base model")
+    b.add_argument("--no-chat", action="store_true", help="alias of --prompt-form completion")
     b.add_argument("--threads", type=int, default=None)
     add_weight_quantization(b)
     add_parallel_args(b)

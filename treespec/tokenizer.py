@@ -31,6 +31,7 @@ class Tokenizer:
         self.bos_id, self.eos_id = bos_id, eos_id
         # every id that ends generation: eos, the checkpoint's other stop ids, and end-of-turn markers
         self.eos_ids = {i for i in [eos_id] if i is not None} | set(extra_eos_ids) | _end_of_turn_ids(backend)
+        self.ships_chat_template = bool(chat_template)  # the checkpoint's own, not a family default (bench's auto)
         self.chat_template = chat_template or default_chat_template(lambda t: backend.token_to_id(t) is not None)
 
     @property

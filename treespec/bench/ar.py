@@ -1,28 +1,37 @@
-"""Plain decoding: treespec against HF transformers on the same weights, with a bandwidth roofline.
+"""Plain decoding: treespec against HF transformers (and llama.cpp: bench/llamacpp.py), with a bandwidth roofline.
 
-Both run greedy batch-1 generation of the same prompts in one process. The roofline divides the bytes of
-weights one decode step must read by the machine's measured read bandwidth.
+All run greedy batch-1 generation of the same prompt ids in one process, prompt by prompt in turn so that a
+busy spell of a shared machine hits every engine alike. The roofline divides the bytes of weights one decode
+step must read by the machine's measured read bandwidth.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from treespec.api import LLM
+from treespec.engine.engine import LLMEngine
 from treespec.sampling import SamplingParams
 
 
 @dataclass
 class ArResult:
+    """Decode tokens (after the first) and their time, summed over prompts; each prompt's output ids."""
     name: str
-    tokens: int
-    decode_s: float
+    tokens: int = 0
+    decode_s: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.decode_s if self.decode_s else 0.0
+
+    def add(self, other: "ArResult") -> None:
+        self.tokens += other.tokens
+        self.decode_s += other.decode_s
+        self.outputs += other.outputs
 
 
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -48,17 +57,17 @@ def bytes_per_step(model: torch.nn.Module) -> int:
     return total + model.lm_head.bytes_per_step()
 
 
-def run_treespec(llm: LLM, prompts: list[list[int]], max_tokens: int) -> ArResult:
-    engine = llm.make_engine(None)
+def run_treespec(engine: LLMEngine, name: str, prompts: list[list[int]], max_tokens: int) -> ArResult:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    tokens, decode = 0, 0.0
+    result = ArResult(name)
     for ids in prompts:
         req = engine.add_request(ids, params)
         while engine.has_unfinished():
             engine.step()
-        tokens += len(req.output_ids) - 1  # the first token comes with the prefill in HF's timing too
-        decode += req.metrics.decode_time_s - (req.metrics.decode_time_s / max(1, req.metrics.num_steps))
-    return ArResult("treespec", tokens, decode)
+        m = req.metrics  # the first token comes with the prefill in HF's and llama.cpp's timing too
+        result.add(ArResult(name, len(req.output_ids) - 1, m.decode_time_s - m.decode_time_s / max(1, m.num_steps),
+                            [list(req.output_ids)]))
+    return result
 
 
 def build_hf_model(llm: LLM) -> torch.nn.Module:
@@ -81,7 +90,7 @@ def build_hf_model(llm: LLM) -> torch.nn.Module:
 
 @torch.inference_mode()
 def run_hf(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int) -> ArResult:
-    tokens, decode = 0, 0.0
+    result = ArResult("hf-transformers")
     for ids in prompts:
         x = torch.tensor([ids], device=model.device)
         t0 = time.perf_counter()
@@ -90,6 +99,6 @@ def run_hf(model: torch.nn.Module, prompts: list[list[int]], max_tokens: int) ->
         t0 = time.perf_counter()
         out = model.generate(x, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         total = time.perf_counter() - t0
-        tokens += out.shape[1] - len(ids) - 1
-        decode += max(total - prefill, 1e-9)
-    return ArResult("hf-transformers", tokens, decode)
+        result.add(ArResult("hf-transformers", out.shape[1] - len(ids) - 1, max(total - prefill, 1e-9),
+                            [out[0, len(ids):].tolist()]))
+    return result

@@ -18,6 +18,7 @@ class BenchPrompt:
     question_id: str
     category: str
     text: str
+    question: bool = False  # a chat turn (a `turns` row) rather than text to continue (a `prompt` row)
 
 
 def default_dataset() -> Path:
@@ -40,15 +41,17 @@ def load_prompts(path: str | Path | None = None, limit: int | None = None) -> li
             row = json.loads(line)
         except json.JSONDecodeError:
             raise ConfigError(f"dataset: {path}:{no} is not valid JSON") from None
-        text = row.get("turns", [None])[0] if isinstance(row.get("turns"), list) else row.get("prompt")
+        row = row if isinstance(row, dict) else {}
+        question = isinstance(row.get("turns"), list)
+        text = (row["turns"] or [None])[0] if question else row.get("prompt")
         if not isinstance(text, str) or not text:
             raise ConfigError(f"dataset: {path}:{no} has neither a 'turns' list nor a 'prompt' string")
-        cat = row.get("category", "default")
+        cat = str(row.get("category", "default"))
         cat = "mt_bench" if cat in MT_BENCH else cat
         if limit is not None and per_cat.get(cat, 0) >= limit:
             continue
         per_cat[cat] = per_cat.get(cat, 0) + 1
-        prompts.append(BenchPrompt(str(row.get("question_id", no)), cat, text))
+        prompts.append(BenchPrompt(str(row.get("question_id", no)), cat, text, question))
     if not prompts:
         raise ConfigError(f"dataset: {path} holds no prompts")
     return prompts

@@ -1,9 +1,8 @@
-"""`treespec bench --mode serve`: a load generator against the live OpenAI server, plain vs speculative.
-
-The model loads once; each method gets its own engine and an in-process server on a loopback port. For each
-concurrency c, c closed-loop streaming clients send greedy chat requests (max(4, 2c) in all, from the
-Spec-Bench prompts, categories interleaved). Reported per (method, c): throughput (completion tokens / wall
-time), time to first token and inter-token latency p50/p99. A chunk that carries k tokens (speculation emits
+"""`treespec bench --mode serve`: a load generator against the live OpenAI server, plain vs speculative. The model
+loads once; each method gets its own engine and an in-process server on a loopback port. For each concurrency c, c
+closed-loop streaming clients send greedy requests, chat or completion as `--prompt-form` says (max(4, 2c) in all,
+from the Spec-Bench prompts, categories interleaved). Reported per (method, c): throughput (completion tokens /
+wall time), time to first token and inter-token latency p50/p99. A chunk that carries k tokens (speculation emits
 several per step) counts as k inter-token gaps of (gap / k); token counts come from vLLM-style
 `continuous_usage_stats`.
 """
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from treespec.bench.dataset import BenchPrompt, load_prompts
+from treespec.bench.prompt_form import PromptForm, form_for, prompt_text
 from treespec.cli_args import load_kwargs, parse_methods
 
 REQUEST_TIMEOUT_S = 600.0
@@ -136,7 +136,7 @@ def markdown_table(results: list[LevelResult]) -> str:
     return "\n".join(lines)
 
 
-def cmd_bench_serve(args: argparse.Namespace) -> int:
+def cmd_bench_serve(args: argparse.Namespace, asked: PromptForm) -> int:
     from treespec.api import LLM
     from treespec.engine.async_engine import AsyncEngine
     from treespec.errors import ConfigError
@@ -148,10 +148,11 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--concurrency: expected comma-separated integers, got {args.concurrency!r}") from None
     if not levels or min(levels) < 1:
         raise ConfigError("--concurrency: every level must be >= 1")
-    prompts = [p.text for p in interleave(load_prompts(args.dataset, args.limit))]
     llm = LLM(args.model, num_threads=args.threads, weight_quantization=args.weight_quantization,
               max_num_seqs=max(levels), max_waiting=max(256, 2 * max(levels)), progress=True,
               **load_kwargs(args))
+    form = form_for(llm, asked)
+    prompts = [prompt_text(p, form) for p in interleave(load_prompts(args.dataset, args.limit))]
     results: list[LevelResult] = []
     for method, spec in parse_methods(args.method).items():
         app = create_app(AsyncEngine(llm.make_engine(spec)), llm.tokenizer, model_name=args.model)
@@ -159,7 +160,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
             for c in levels:
                 batch = prompts[: min(len(prompts), max(4, 2 * c))]
                 traces, errors, wall = asyncio.run(run_level(server.base_url, args.model, batch, c,
-                                                             args.max_tokens, chat=not args.no_chat))
+                                                             args.max_tokens, chat=form is PromptForm.CHAT))
                 results.append(LevelResult(method, c, len(traces), sum(t.num_tokens for t in traces), wall,
                                            traces, errors))
                 print(f"{method} c={c}: {results[-1].throughput:.2f} tokens/s, {len(errors)} errors", flush=True)

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from treespec.api import LLM
 from treespec.bench.dataset import BenchPrompt
+from treespec.bench.prompt_form import PromptForm, encode
 from treespec.sampling import SamplingParams
 
 
@@ -34,13 +35,14 @@ class RunRecord:
 
 
 def run_methods(llm: LLM, methods: dict[str, dict | None], prompts: list[BenchPrompt], params: SamplingParams,
-                chat: bool = True, progress: bool = True) -> list[RunRecord]:
-    """methods: name -> speculative config (None = plain). 'plain' is always run first as the reference."""
+                form: PromptForm, progress: bool = True) -> list[RunRecord]:
+    """methods: name -> speculative config (None = plain). 'plain' is always run first as the reference.
+    form: CHAT or COMPLETION (resolve AUTO first: bench/prompt_form.py)."""
     engines = {name: llm.make_engine(spec) for name, spec in methods.items()}
     records: list[RunRecord] = []
     bar = tqdm(total=len(prompts) * len(engines), desc="bench", disable=not progress)
     for p in prompts:
-        ids = llm.encode_prompt(p.text, chat=chat)
+        ids = encode(llm, p, form)
         plain_ids: list[int] | None = None
         for name, engine in engines.items():
             req = engine.add_request(ids, params)

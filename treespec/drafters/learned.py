@@ -86,7 +86,8 @@ class LearnedDrafter(ModelDrafter):
 
     # ---- hooks ----------------------------------------------------------------------------------------------
     def _depth(self, d: DraftRequest) -> int:
-        if self.needs_features and not self._covered(d.request):
+        """No draft while the context is empty (a 1-token prompt's first step: the root has no pair yet)."""
+        if not self._context(d.request) or (self.needs_features and not self._covered(d.request)):
             return 0
         return super()._depth(d)
 

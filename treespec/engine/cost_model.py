@@ -11,7 +11,9 @@ import bisect
 import hashlib
 import json
 import os
+import statistics
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -30,18 +32,40 @@ CALIBRATION_TEXT = (
 _VERSION = 3  # bump when the forward's speed changes enough to invalidate cached measurements
 
 
+# Online correction (CostCurve.observe). What sizes trees is the curve's shape (c(n) against c(1) and its
+# neighbours), so an observed step is read against the machine's current load: its ratio to the curve divided by
+# the median ratio of the last LOAD_WINDOW steps (of any size). A grid point whose last OBSERVATIONS load-relative
+# ratios have a median a factor DRIFT or more away from 1 is rescaled by it. A curve measured on a busy machine
+# (steep: speculation never looks worth it) is thereby corrected, while a busy spell, which slows every size
+# alike, corrects nothing.
+DRIFT = 2.0
+OBSERVATIONS = 3
+LOAD_WINDOW = 3
+
+
 class CostCurve:
-    """c(n): seconds of one target forward plus its head over n query tokens, piecewise linear."""
+    """c(n): seconds of one target forward plus its head over n query tokens, piecewise linear.
+
+    Points are measured once (CostModel.measure) and corrected online from observed steps (`observe`). A point the
+    engine never reaches (a steep curve keeps trees small) is reached by probing (`probe_size`) until observed.
+    """
 
     def __init__(self, points: dict[int, float]) -> None:
-        self.ns = sorted(points)
+        self.points = dict(points)
+        self.load: deque[float] = deque(maxlen=LOAD_WINDOW)  # observed / predicted of recent steps, any size
+        self.ratios: dict[int, deque[float]] = {n: deque(maxlen=OBSERVATIONS) for n in points}  # load-relative
+        self.confirmed: set[int] = set()  # grid points whose observed cost agrees with the curve
+        self._smooth()
+
+    def _smooth(self) -> None:
+        self.ns = sorted(self.points)
         self.ts: list[float] = []
         for n in self.ns:  # more nodes never cost less: smooth out timing noise
-            self.ts.append(max([points[n]] + self.ts[-1:]))
+            self.ts.append(max([self.points[n]] + self.ts[-1:]))
 
     def __call__(self, n: int) -> float:
         ns, ts = self.ns, self.ts
-        if n <= ns[0]:
+        if n <= ns[0] or len(ns) == 1:
             return ts[0]
         i = min(bisect.bisect_left(ns, n), len(ns) - 1)  # past the grid: extrapolate with the last slope
         n0, n1, t0, t1 = ns[i - 1], ns[i], ts[i - 1], ts[i]
@@ -50,15 +74,57 @@ class CostCurve:
     def as_dict(self) -> dict[int, float]:
         return dict(zip(self.ns, self.ts))
 
+    def observe(self, n: int, seconds: float) -> bool:
+        """A step over n query tokens took `seconds`; True if that corrected the curve."""
+        g = min(self.ns, key=lambda m: (abs(m - n), m))
+        self.load.append(seconds / self(n))
+        ratios = self.ratios[g]
+        ratios.append(self.load[-1] / statistics.median(self.load))
+        if len(ratios) < OBSERVATIONS:
+            return False
+        ratio = statistics.median(ratios)
+        if 1 / DRIFT < ratio < DRIFT:
+            self.confirmed.add(g)
+            return False
+        self.points[g] = self(g) * ratio
+        self.confirmed.discard(g)
+        ratios.clear()
+        self._smooth()
+        return True
+
+    def probe_size(self, n: int) -> int | None:
+        """The next grid point above n if its cost is unconfirmed: worth one larger tree to find out."""
+        nxt = next((m for m in self.ns if m > n), None)
+        return None if nxt is None or nxt in self.confirmed else nxt
+
 
 class CostModel:
     """Verify cost for greedy requests (the head's exact fast argmax) and sampling ones (full fp32 logits)."""
 
-    def __init__(self, greedy: dict[int, float], sampled: dict[int, float]) -> None:
+    def __init__(self, greedy: dict[int, float], sampled: dict[int, float], path: Path | None = None) -> None:
         self.greedy, self.sampled = CostCurve(greedy), CostCurve(sampled)
+        self.path = path  # the cache file: corrections are written back, so the next start begins corrected
 
     def as_dict(self) -> dict[str, dict[int, float]]:
         return {"greedy": self.greedy.as_dict(), "sampled": self.sampled.as_dict()}
+
+    def curve(self, full: bool) -> CostCurve:
+        """Sampling requests' full fp32 logits, or the greedy head (Gumbel draws cost like argmax)."""
+        return self.sampled if full else self.greedy
+
+    def observe(self, n: int, seconds: float, full: bool) -> None:
+        """A verify step over n query tokens took `seconds` (see CostCurve.observe)."""
+        if self.curve(full).observe(n, seconds):
+            self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.as_dict()))
+        except OSError:
+            pass  # a read-only home only costs a re-measure next time
 
     @classmethod
     @torch.inference_mode()
@@ -95,21 +161,19 @@ class CostModel:
 
     @classmethod
     def load_or_measure(cls, model: torch.nn.Module, key: str, text: list[int] | None = None) -> "CostModel":
-        """Measure once per model, device and thread count; cached under ~/.cache/treespec."""
+        """Measure once per model, device and thread count; cached under ~/.cache/treespec (TREESPEC_CACHE) and
+        corrected there when the engine's observed steps drift from it (CostCurve.observe)."""
         tag = f"{key}|{torch.get_num_threads()}|{torch.__version__}|{_VERSION}"
         digest = hashlib.sha256(tag.encode()).hexdigest()[:16]
         path = Path(os.environ.get("TREESPEC_CACHE", Path.home() / ".cache" / "treespec")) / f"cost-{digest}.json"
         try:
             raw = json.loads(path.read_text())
-            return cls(**{k: {int(n): float(t) for n, t in v.items()} for k, v in raw.items()})
-        except (OSError, ValueError, TypeError):
+            return cls(**{k: {int(n): float(t) for n, t in v.items()} for k, v in raw.items()}, path=path)
+        except (OSError, ValueError, TypeError, AttributeError):
             pass
         cm = cls.measure(model, text)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cm.as_dict()))
-        except OSError:
-            pass  # a read-only home only costs a re-measure next time
+        cm.path = path
+        cm.save()
         return cm
 
 

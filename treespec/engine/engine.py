@@ -14,7 +14,7 @@ import torch
 from treespec.config import DraftSampling, EngineConfig, SpecConfig
 from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.drafters.speculator import Speculator
-from treespec.engine.cost_model import CostModel, allocate_nodes
+from treespec.engine.cost_model import CostCurve, CostModel, allocate_nodes
 from treespec.engine.emit import apply_stop_strings, emit_tokens
 from treespec.engine.request import FinishReason, Request, SpecCounters
 from treespec.engine.runner import ForwardOutput, HeadPath, ModelRunner, TreeWork, head_path, score_trees
@@ -34,6 +34,13 @@ class Draft:
     requests of those that speculate (the speculator observes their results)."""
     trees: list[TokenTree]
     batch: list[DraftRequest]
+
+
+# Every PROBE_EVERY-th sized step may verify a tree up to the next grid size whose cost the engine has not yet
+# observed (CostCurve.probe_size): one slightly larger verify, so a too pessimistic cost curve cannot keep trees
+# small forever. FLAT makes allocate_nodes keep the best-scored nodes up to a budget.
+PROBE_EVERY = 4
+FLAT = CostCurve({1: 1.0})
 
 
 @dataclass
@@ -61,6 +68,7 @@ class LLMEngine:
                                    tree_slots=(self.spec.budget or 64) + 1 if self.spec.enabled else 1)
         self.cost_model = cost_model
         self.draft_cost_s = 0.0  # moving average of the draft phase, charged against tree size
+        self._probe_in = PROBE_EVERY  # steps until a tree may be grown past the cost model's choice (_size_trees)
         self.stats = StepStats()
         self._ids = itertools.count()
 
@@ -99,6 +107,7 @@ class LLMEngine:
         t0 = time.perf_counter()  # decode time includes drafting: it is part of the cost of a speculative step
         noise = [r.position_noise(self.model.config.vocab_size) for r in plan.decodes]  # drafts and target share it
         draft = self.draft(plan.decodes, noise, plan.node_budget)
+        t_verify = time.perf_counter()
         try:  # verify: one target forward over every prefill chunk and tree
             out = self.runner.forward(plan.prefills, [TreeWork(r, t) for r, t in zip(plan.decodes, draft.trees)])
         except Exception as e:  # noqa: BLE001 - a failed forward fails its requests, not the engine
@@ -108,6 +117,9 @@ class LLMEngine:
         for c in plan.prefills:
             c.request.metrics.prefill_time_s += time.perf_counter() - t0
         results = self.accept(plan.decodes, draft.trees, noise, out.trees)
+        if self.cost_model is not None and plan.decodes and not plan.prefills:  # what c(n) measures: forward + head
+            full = any(head_path(r, t) is HeadPath.FULL for r, t in zip(plan.decodes, draft.trees))
+            self.cost_model.observe(sum(t.n for t in draft.trees), time.perf_counter() - t_verify, full)
         self.commit(plan, draft, out, results)
         self.emit(plan.decodes, draft.trees, results)
         for r in plan.decodes:
@@ -208,9 +220,13 @@ class LLMEngine:
         if self.spec.budget is not None or self.cost_model is None:
             return [prune_tree(t, min(self.spec.budget or share, share)) for t in trees]
         scores = [torch.sort(t.scores[1:], descending=True).values for t in trees]
-        full = any(head_path(d.request, t) is HeadPath.FULL for d, t in zip(batch, trees))
-        curve = self.cost_model.sampled if full else self.cost_model.greedy  # Gumbel draws cost like argmax
+        curve = self.cost_model.curve(any(head_path(d.request, t) is HeadPath.FULL for d, t in zip(batch, trees)))
         counts = allocate_nodes(scores, curve, self.draft_cost_s, node_budget)
+        self._probe_in -= 1
+        probe = curve.probe_size(len(trees) + sum(counts))
+        if self._probe_in <= 0 and probe is not None and len(trees) + sum(len(x) for x in scores) >= probe:
+            counts = allocate_nodes(scores, FLAT, 0.0, min(probe, node_budget))  # the best nodes up to the probe
+            self._probe_in = PROBE_EVERY
         return [prune_tree(t, k) for t, k in zip(trees, counts)]
 
     def _finish_step(self) -> list[Request]:

@@ -21,10 +21,13 @@ through `reference_mm`, and models/quant_blocks.use_blocks keeps the dequantized
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import platform
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +40,7 @@ _HEADER = Path(__file__).with_name("lanes.h")  # shared by the kernels; its hash
 # -ffp-contract=off keeps `scale * q - min` two roundings, as the reference rounds it
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _NO_MIN = torch.empty(0)
+STALE_LOCK_S = 600.0  # a kernel builds in about a minute; a lock file older than this is a killed build's
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +62,7 @@ def build(source: Path) -> ModuleType | None:
     log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
     try:
         from torch.utils import cpp_extension
+        _drop_stale_lock(Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name)
         header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
         return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
@@ -65,6 +70,16 @@ def build(source: Path) -> ModuleType | None:
         first = str(e).splitlines()[0] if str(e) else repr(e)
         log.warning("%s unavailable (%s); quantized weights stay dequantized fp32", name, first)
         return None
+
+
+def _drop_stale_lock(build_dir: Path) -> None:
+    """A build killed half-way leaves torch's lock file behind, and every later load would wait on it forever;
+    a lock older than any build takes is that leftover."""
+    lock = build_dir / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing %s, left by a build that did not finish", lock)
+            lock.unlink()
 
 
 def block_mm(x: torch.Tensor, w: PackedBlocks) -> torch.Tensor:  # x: [T, in] fp32 -> [T, out] fp32

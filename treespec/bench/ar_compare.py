@@ -1,0 +1,61 @@
+"""`treespec bench --mode ar`: treespec's plain decoding (and any --method) side by side with llama.cpp (when
+llama-cpp-python is installed) and HF transformers, prompt by prompt in one process, plus the roofline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from treespec.api import LLM
+from treespec.bench.ar import ArResult, build_hf_model, run_hf, run_treespec
+from treespec.bench.llamacpp import Agreement, load_llama_cpp, run_llama_cpp
+
+
+@dataclass
+class ArComparison:
+    treespec: list[ArResult]                     # plain first, then each --method
+    llama_cpp: ArResult | None
+    llama_cpp_note: str                           # its version and threads, or why it is absent
+    hf: ArResult | None = None
+    agreement: dict[str, Agreement] = field(default_factory=dict)  # treespec run -> vs llama.cpp's tokens
+
+    def markdown(self) -> str:
+        base = self.llama_cpp.tokens_per_s if self.llama_cpp else 0.0
+        lines = ["| engine | tokens | decode tok/s | ms/token | vs llama.cpp |", "|---|---|---|---|---|"]
+        for r in self.treespec + [r for r in (self.llama_cpp, self.hf) if r is not None]:
+            ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
+            lines.append(f"| {r.name} | {r.tokens} | {r.tokens_per_s:.2f} | {1000 / max(r.tokens_per_s, 1e-9):.1f} "
+                         f"| {ratio} |")
+        lines.append(f"\nllama.cpp: {self.llama_cpp_note}")
+        lines += [f"greedy tokens, {name} vs llama.cpp: {a}" for name, a in self.agreement.items()]
+        if self.hf is not None:
+            plain = self.treespec[0]
+            lines.append(f"{plain.name} / HF = x{plain.tokens_per_s / max(self.hf.tokens_per_s, 1e-9):.2f}")
+        return "\n".join(lines)
+
+
+def compare_ar(llm: LLM, prompts: list[list[int]], max_tokens: int, methods: dict[str, dict | None],
+               with_hf: bool = True) -> ArComparison:
+    """methods: name -> speculative config, 'plain' (None) first. llama.cpp runs each prompt right after treespec's
+    engines on the same GGUF with the same thread count, after one untimed warm-up each; HF runs last (it is slow
+    and shares nothing)."""
+    engines = {name: llm.make_engine(spec) for name, spec in methods.items()}
+    n_ctx = max(len(ids) for ids in prompts) + max_tokens + 8
+    cpp, note = load_llama_cpp(llm.checkpoint_source, torch.get_num_threads(), n_ctx)
+    for engine in engines.values():  # warm-ups, untimed: first-call allocations and kernel loads
+        run_treespec(engine, "warm-up", prompts[:1], min(4, max_tokens))
+    if cpp is not None:
+        run_llama_cpp(cpp, prompts[:1], min(4, max_tokens))
+    ours = {name: ArResult(f"treespec {name}") for name in engines}
+    theirs = ArResult("llama.cpp") if cpp is not None else None
+    for ids in prompts:
+        for name, engine in engines.items():
+            ours[name].add(run_treespec(engine, f"treespec {name}", [ids], max_tokens))
+        if theirs is not None:
+            theirs.add(run_llama_cpp(cpp, [ids], max_tokens))
+    out = ArComparison(list(ours.values()), theirs, note)
+    if theirs is not None:
+        out.agreement = {r.name: Agreement.of(r.outputs, theirs.outputs) for r in out.treespec}
+    if with_hf:
+        out.hf = run_hf(build_hf_model(llm), prompts, max_tokens)
+    return out
