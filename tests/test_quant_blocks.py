@@ -194,3 +194,6 @@ def test_a_killed_builds_lock_is_removed_a_live_one_kept(tmp_path) -> None:
     kernel._drop_stale_lock(tmp_path)
     assert not lock.exists()
     kernel._drop_stale_lock(tmp_path)  # nothing there: nothing to do
+    ext = kernel.compiled()
+    if ext is not None:  # the folder looked at is the one torch built the kernel in
+        assert Path(ext.__file__).parent == kernel.build_dir(ext.__name__)

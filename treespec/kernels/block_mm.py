@@ -25,7 +25,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -62,7 +61,7 @@ def build(source: Path) -> ModuleType | None:
     log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
     try:
         from torch.utils import cpp_extension
-        _drop_stale_lock(Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name)
+        _drop_stale_lock(build_dir(name))
         header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
         return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
@@ -70,6 +69,12 @@ def build(source: Path) -> ModuleType | None:
         first = str(e).splitlines()[0] if str(e) else repr(e)
         log.warning("%s unavailable (%s); quantized weights stay dequantized fp32", name, first)
         return None
+
+
+def build_dir(name: str) -> Path:
+    """Where torch builds (and locks) the extension `name`: its cache root, a python/CUDA-version folder, the name."""
+    from torch.utils import cpp_extension
+    return Path(cpp_extension._get_build_directory(name, verbose=False))
 
 
 def _drop_stale_lock(build_dir: Path) -> None:
