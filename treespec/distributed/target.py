@@ -47,6 +47,10 @@ class ParallelTarget(nn.Module):
         return self.local.lm_head
 
     @property
+    def device(self) -> torch.device:
+        return self.local.device  # the ranks run on the CPU (api.py refuses other placements under TP/PP)
+
+    @property
     def embed_tokens(self) -> nn.Module:
         return self.local.embed_tokens
 
