@@ -3,7 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-PROMPT  ?= Repeat this sentence exactly: The quick brown fox jumps over the lazy dog, and then the dog sleeps.
+# completion form: the default model is a base model (a prompt that asks for repetition would flatter n-gram drafting)
+PROMPT  ?= Question: How does a hash table handle collisions? Give two methods and their trade-offs. Answer:
 
 .PHONY: setup run test test-fast bench gpu-check clean
 

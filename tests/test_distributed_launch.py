@@ -109,7 +109,7 @@ def test_torchrun_launch_equals_one_process(model_dir):
 
 
 def test_ray_backend_places_the_workers_and_equals_one_process(model_dir, tmp_path_factory):
-    import ray
+    ray = pytest.importorskip("ray", reason="needs the 'distributed' extra")
 
     from treespec import LLM
     # a local cluster of its own (other Ray users of this machine share /tmp/ray); the backend joins it
