@@ -151,9 +151,9 @@ def collective(llm, data, tmp_path_factory):
     return out, train_drafters(llm.target, data, collective_cfg(data), out, progress=False)
 
 
-def runtime_hits(llm, data, path, seq: int) -> torch.Tensor:
+def runtime_hits(llm, data, path, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[n - 1] bool: rows of seq where the shipped drafter (inference DraftNet, full vocabulary) picks the target's
-    top-1 when reading x_{t+1} and h_t at position t."""
+    top-1 when reading x_{t+1} and h_t at position t; and [n - 1] the gap between its top two logits there."""
     cfg, tensors, ids = load_drafter(path)
     net = DraftNet(cfg, tensors, ids, llm.target)
     a, b = int(data.offsets[seq]), int(data.offsets[seq + 1])
@@ -161,7 +161,9 @@ def runtime_hits(llm, data, path, seq: int) -> torch.Tensor:
     cache = net.new_cache(n)
     cache.reserve(n)
     h = net(data.tokens[a + 1:b].long(), torch.arange(n), single(cache, n), data.features[a:b - 1].float())
-    return net.logits(h).argmax(-1) == data.vocab_ids[data.label_ids[a + 1:b, 0].long()]
+    logits = net.logits(h)
+    top2 = logits.topk(2, dim=-1).values
+    return logits.argmax(-1) == data.vocab_ids[data.label_ids[a + 1:b, 0].long()], top2[:, 0] - top2[:, 1]
 
 
 def test_boost_tuning_zeroes_rows_the_first_drafter_gets_right(llm, data, collective):
@@ -175,8 +177,12 @@ def test_boost_tuning_zeroes_rows_the_first_drafter_gets_right(llm, data, collec
     zeros = 0
     for s in train_seqs:
         a, b = int(data.offsets[s]), int(data.offsets[s + 1])
-        right = runtime_hits(llm, data, out / "drafter-0", s)
-        assert torch.equal(second[a:b - 1] == 0, right), s
+        right, gap = runtime_hits(llm, data, out / "drafter-0", s)
+        # training and inference round differently (autograd's torch ops vs the C++ decode kernels): rows whose
+        # top two logits are within rounding may go either way, every other row must agree
+        clear = gap > 1e-4
+        assert torch.equal((second[a:b - 1] == 0)[clear], right[clear]), s
+        assert int(clear.sum()) >= 0.9 * len(clear), s
         zeros += int(right.sum())
     assert 0 < zeros < sum(int(data.lengths()[s]) - 1 for s in train_seqs)
 
