@@ -6,8 +6,9 @@ all-reduces of [T, D]. Attention heads stay whole: rank r takes q heads [r H/N, 
 they read; when N exceeds the K/V heads, ranks sharing a K/V head each keep a copy (Gemma 3 270M has one).
 Embedding and norms are replicated; only rank 0 holds and runs the LM head (it verifies). A row-parallel bias is
 added by rank 0 only, so the sum counts it once. Projections computed from a GGUF's blocks (BlockQuantLinear) are
-split the same way: their rows as a Linear's, their input columns on group boundaries (a cut inside a group, which
-no split of a real model needs, makes that one projection fp32 from its exactly dequantized weights, logged).
+split the same way: their rows as a Linear's, their input columns on group boundaries. A cut inside a 16/32-weight
+group (rare: a rank's heads x head_dim and MLP channels are multiples of 32 in common models) makes that one
+projection fp32 from its exactly dequantized weights, logged.
 """
 from __future__ import annotations
 
