@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import httpx
 import openai
 import pytest
 from serving_tiny import save_tiny_model_dir
-from test_server_cli import KEY, free_port, in_engine, start_streams
+from test_server_cli import KEY, free_port, in_engine, stream_all
 from test_server_replicas import descendants, in_session, process_table
 
 from treespec.api import LLM
@@ -42,6 +43,22 @@ def worker_ranks(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def streams_on_both_replicas(base: str, max_tokens: int) -> tuple[list[threading.Thread], list]:
+    """Two streaming requests in flight at once, one per replica (--max-num-seqs 1 --max-waiting 0). Retried while
+    a replica still loads: Ray Serve then holds the second request until the first replica is free."""
+    deadline = time.monotonic() + 180
+    while True:
+        results: list = [None, None]
+        threads = [threading.Thread(target=stream_all, args=(base, results, i, max_tokens)) for i in range(2)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            if in_engine(base) == 2:
+                return threads, results
+            time.sleep(0.02)
+        assert time.monotonic() < deadline, "two requests never ran at once"
 
 
 def wait_ready(proc: subprocess.Popen, base: str) -> None:
@@ -105,8 +122,7 @@ def test_replicas_of_tensor_parallel_groups_answer_like_one_process_and_drain_on
                     if c.choices]
         assert whole.choices[0].message.content == expected_chat == "".join(streamed)
 
-        threads, results = start_streams(base, 2, IN_FLIGHT)  # returns once both are in the engines
-        assert in_engine(base) == 2  # one per replica
+        threads, results = streams_on_both_replicas(base, IN_FLIGHT)
         processes = descendants(proc.pid)
         assert {"raylet", "gcs_server"} <= set(processes.values()), processes
         proc.send_signal(signal.SIGTERM)
