@@ -95,6 +95,16 @@ def test_replicas_of_tensor_parallel_groups_answer_like_one_process_and_drain_on
         assert len(workers) == 2, descendants(proc.pid)  # one per replica (rank 0 is the replica's actor)
 
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+        for _ in range(2):  # (sequential requests: each replica likely serves one; either must give the oracle's)
+            done = client.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=8, temperature=0)
+            assert done.choices[0].text == expected_text
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
+                "temperature": 0}
+        whole = client.chat.completions.create(**chat)
+        streamed = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)
+                    if c.choices]
+        assert whole.choices[0].message.content == expected_chat == "".join(streamed)
+
         os.kill(workers[0], signal.SIGKILL)
         outcomes = []  # (with both replicas idle, Ray Serve picks either at random: both get some of these)
         while not ({"ok", "error"} <= set(outcomes)):
@@ -111,16 +121,6 @@ def test_replicas_of_tensor_parallel_groups_answer_like_one_process_and_drain_on
             time.sleep(0.5)
         assert workers[1] in replaced and workers[0] not in replaced
         workers += [pid for pid in replaced if pid != workers[1]]
-
-        for _ in range(2):  # (sequential requests: each replica likely serves one; either must give the oracle's)
-            done = client.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=8, temperature=0)
-            assert done.choices[0].text == expected_text
-        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
-                "temperature": 0}
-        whole = client.chat.completions.create(**chat)
-        streamed = [c.choices[0].delta.content or "" for c in client.chat.completions.create(**chat, stream=True)
-                    if c.choices]
-        assert whole.choices[0].message.content == expected_chat == "".join(streamed)
 
         threads, results = streams_on_both_replicas(base, IN_FLIGHT)
         processes = descendants(proc.pid)
