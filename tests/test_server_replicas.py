@@ -130,17 +130,36 @@ def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_more_replicas_than_cpus_a_needless_ray_address_and_parallel_replicas_are_usage_errors(capsys, monkeypatch):
-    """A local cluster gets this machine's CPUs; replicas that cannot all be placed are refused before starting."""
+def test_more_replicas_than_cpus_needless_ray_flags_and_other_backends_are_usage_errors(capsys, monkeypatch):
+    """A local cluster gets this machine's CPUs; replicas (and their ranks) that cannot all be placed are refused
+    before starting."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    too_many = len(os.sched_getaffinity(0)) + 1
-    assert main(["serve", "--data-parallel-size", str(too_many), "--port", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--data-parallel-size" in err[0] and "CPUs" in err[0]
+    cpus = len(os.sched_getaffinity(0))
+    for flags in (["--data-parallel-size", str(cpus + 1)],
+                  ["--data-parallel-size", "2", "--tensor-parallel-size", str(cpus), "--threads", "1"],
+                  ["--data-parallel-size", "2", "--tensor-parallel-size", "2", "--cpus-per-rank", str(cpus)]):
+        assert main(["serve", *flags, "--port", "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--data-parallel-size" in err[0] and "CPUs" in err[0], err
     assert main(["serve", "--ray-address", "auto", "--port", "0"]) == 2  # only the replicas use Ray
     assert capsys.readouterr().err.strip() == "treespec: error: --ray-address: only used with --data-parallel-size > 1"
-    assert main(["serve", "--data-parallel-size", "2", "--tensor-parallel-size", "2", "--port", "0"]) == 2
-    assert "not supported yet" in capsys.readouterr().err  # replicas of parallel groups: not built
+    assert main(["serve", "--cpus-per-rank", "0.5", "--port", "0"]) == 2
+    assert "--cpus-per-rank: only used with --data-parallel-size > 1" in capsys.readouterr().err
+    assert main(["serve", "--data-parallel-size", "2", "-tp", "2", "--distributed-executor-backend", "ray",
+                 "--port", "0"]) == 2  # a replica spawns its own ranks
+    assert "--distributed-executor-backend mp" in capsys.readouterr().err
+
+
+def test_placement_reserves_one_bundle_per_rank_on_one_node():
+    from treespec.server.replicas.cluster import Placement
+    one = Placement.fit(2, 1, None, None, cpus=8)
+    assert (one.threads, one.cpus_per_rank) == (4, 4) and one.deployment_options() == {
+        "ray_actor_options": {"num_cpus": 4}}
+    group = Placement.fit(2, 2, 1, 0.5, cpus=2)  # 2 replicas x 2 ranks on 2 cores: oversubscribed on purpose
+    assert group.deployment_options() == {"ray_actor_options": {"num_cpus": 0.5},
+                                          "placement_group_bundles": [{"CPU": 0.5}, {"CPU": 0.5}],
+                                          "placement_group_strategy": "STRICT_PACK"}
+    assert Placement.fit(2, 2, None, None, cpus=8).threads == 2  # default: an even share per rank
 
 
 def test_snapshots_are_summed_field_by_field_and_position_by_position():

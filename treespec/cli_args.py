@@ -164,6 +164,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--ray-address", default=None,
                    help="Ray cluster for the replicas (default: $RAY_ADDRESS, else a local cluster of this "
                         "machine's CPUs, stopped on exit)")
+    s.add_argument("--cpus-per-rank", type=positive_float, default=None,
+                   help="with --data-parallel-size: Ray CPUs each rank of a replica reserves (default: --threads); "
+                        "less than --threads lets more ranks than cores share a node")
 
 
 def add_distill_parser(sub) -> None:
@@ -198,6 +201,13 @@ def positive_int(s: str) -> int:
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
     return v
 
 

@@ -5,6 +5,7 @@ embed_tokens, logits, new_cache, forward); only the drafters that run the target
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol, Sequence
 
 import torch
@@ -19,6 +20,7 @@ from treespec.models.base import CausalLM
 from treespec.models.lm_head import LMHead
 
 _JOIN_S = 10.0  # seconds workers get to exit after rank 0's stop before they are terminated
+_EXIT_S = 1.0   # seconds a failed collective waits for a dying rank's exit status (its sockets close first)
 
 
 class Workers(Protocol):
@@ -74,10 +76,18 @@ class ParallelTarget(nn.Module):
                 dist.broadcast_object_list([inputs], src=0, group=self.control)
                 return self.shard.run(inputs, seqs)
             except Exception as e:  # noqa: BLE001 - the ranks are out of step now: every later forward fails too
-                dead = self.workers.dead()
+                dead = self._dead_ranks()
                 self.failure = (f"{self.name} " + ", ".join(dead) + " died" if dead
                                 else f"{self.name} group failed: {first_line(e)}") + "; restart treespec"
                 raise DistributedError(self.failure) from None
+
+    def _dead_ranks(self) -> list[str]:
+        """The ranks known to have exited, after a short wait: a killed rank's peers see its connections reset
+        before its exit status is there to read."""
+        deadline = time.monotonic() + _EXIT_S
+        while not (dead := self.workers.dead()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return dead
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them, leave the group (idempotent)."""

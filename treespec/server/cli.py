@@ -42,9 +42,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               drain_timeout=args.drain_timeout)
     if args.data_parallel_size == 1 and args.ray_address:
         raise ConfigError("--ray-address: only used with --data-parallel-size > 1")
-    if args.data_parallel_size > 1 and (args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1):
-        raise ConfigError("--data-parallel-size: replicas of tensor/pipeline-parallel groups are not supported yet; "
-                          "use one of them")
+    if args.data_parallel_size == 1 and args.cpus_per_rank is not None:
+        raise ConfigError("--cpus-per-rank: only used with --data-parallel-size > 1")
+    if args.data_parallel_size > 1 and args.distributed_executor_backend != ExecutorBackend.MP.value:
+        raise ConfigError("--data-parallel-size: each replica spawns its own tensor/pipeline-parallel ranks on its "
+                          "node (--distributed-executor-backend mp)")
     app = create_app(None, None, settings=settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout + FLUSH_S)

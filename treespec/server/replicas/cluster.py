@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import ray
 from ray import serve
 
-from treespec.cli_args import spec_from_args
+from treespec.cli_args import load_kwargs, spec_from_args
 from treespec.errors import ConfigError, EngineClosedError
 from treespec.server.replicas.pool import ReplicaPool
 from treespec.server.replicas.replica import EngineReplica, ReplicaArgs, SnapshotBoard
@@ -31,19 +31,35 @@ GRACEFUL_SHUTDOWN_S = 5.0       # replicas are idle by then: the pool drained (o
 
 @dataclass(frozen=True)
 class Placement:
-    """How many replicas, and the CPUs (= torch threads) each one reserves."""
+    """How many replicas, the ranks of each (tensor x pipeline parallel), the torch threads of each rank and the
+    Ray CPUs each rank reserves (default: its threads; fewer oversubscribes the cores)."""
     num_replicas: int
+    ranks: int
     threads: int
+    cpus_per_rank: float
 
     @classmethod
-    def fit(cls, num_replicas: int, threads: int | None, cpus: int) -> "Placement":
-        """--threads per replica, by default an even share of the cluster's CPUs; ConfigError if K x threads
-        exceeds them (Ray would wait for CPUs that never come)."""
-        placement = cls(num_replicas, threads or max(1, cpus // num_replicas))
-        if num_replicas * placement.threads > cpus:
-            raise ConfigError(f"--data-parallel-size {num_replicas} x {placement.threads} threads each needs "
-                              f"{num_replicas * placement.threads} CPUs; the Ray cluster has {cpus}")
+    def fit(cls, num_replicas: int, ranks: int, threads: int | None, cpus_per_rank: float | None,
+            cpus: int) -> "Placement":
+        """--threads per rank, by default an even share of the cluster's CPUs; ConfigError if the K x ranks
+        reservations exceed them (Ray would wait for CPUs that never come)."""
+        threads = threads or max(1, cpus // (num_replicas * ranks))
+        placement = cls(num_replicas, ranks, threads, cpus_per_rank or threads)
+        need = num_replicas * ranks * placement.cpus_per_rank
+        if need > cpus:
+            raise ConfigError(f"--data-parallel-size {num_replicas} x {ranks} rank(s) x {placement.cpus_per_rank:g} "
+                              f"CPUs each (--threads, --cpus-per-rank) needs {need:g} CPUs; the Ray cluster has {cpus}")
         return placement
+
+    def deployment_options(self) -> dict:
+        """Ray Serve options that reserve a replica's CPUs: with several ranks, one bundle per rank, all on one
+        node (STRICT_PACK: the replica spawns its worker ranks as its own child processes); the replica's actor
+        takes the first bundle."""
+        options: dict = {"ray_actor_options": {"num_cpus": self.cpus_per_rank}}
+        if self.ranks > 1:
+            options.update(placement_group_bundles=[{"CPU": self.cpus_per_rank}] * self.ranks,
+                           placement_group_strategy="STRICT_PACK")
+        return options
 
 
 def local_cpus() -> int:
@@ -64,8 +80,9 @@ class ReplicaCluster:
         self.app_name = f"treespec-{uuid.uuid4().hex[:8]}"
         self.spec = spec_from_args(args)  # bad flags are usage errors here, before anything starts
         self._stop = threading.Event()
+        self.ranks = args.tensor_parallel_size * args.pipeline_parallel_size
         if self.address is None:
-            Placement.fit(args.data_parallel_size, args.threads, local_cpus())
+            Placement.fit(args.data_parallel_size, self.ranks, args.threads, args.cpus_per_rank, local_cpus())
 
     def start(self) -> tuple[ReplicaPool, Tokenizer]:
         """Connect, deploy and wait until every replica has loaded the model (blocking; minutes for big models)."""
@@ -76,16 +93,18 @@ class ReplicaCluster:
             ray.init(address=self.address, log_to_driver=False, logging_level=logging.ERROR)
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         a = self.args
-        placement = Placement.fit(a.data_parallel_size, a.threads, int(ray.cluster_resources().get("CPU", 0)))
+        placement = Placement.fit(a.data_parallel_size, self.ranks, a.threads, a.cpus_per_rank,
+                                  int(ray.cluster_resources().get("CPU", 0)))
         capacity = a.max_num_seqs + a.max_waiting
         replica_args = ReplicaArgs(a.model, self.spec, a.max_model_len, a.weight_quantization,
-                                   placement.threads, a.max_num_seqs, a.max_num_batched_tokens, a.max_waiting)
+                                   placement.threads, a.max_num_seqs, a.max_num_batched_tokens, a.max_waiting,
+                                   load_kwargs(a))
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         board = ray.remote(num_cpus=0)(SnapshotBoard).remote()
         deployment = serve.deployment(
-            EngineReplica, name="engine", num_replicas=placement.num_replicas,
-            ray_actor_options={"num_cpus": placement.threads}, max_ongoing_requests=capacity,
-            max_constructor_retry_count=1, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S)
+            EngineReplica, name="engine", num_replicas=placement.num_replicas, max_ongoing_requests=capacity,
+            max_constructor_retry_count=1, graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S,
+            **placement.deployment_options())
         handle = serve.run(deployment.bind(replica_args, board), name=self.app_name, route_prefix=None)
         if self._stop.is_set():
             raise EngineClosedError("stopped while the replicas started")

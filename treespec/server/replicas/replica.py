@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from treespec.api import LLM
+from treespec.distributed.target import ParallelTarget
 from treespec.engine.async_engine import AsyncEngine, EngineSnapshot, RequestDelta
+from treespec.errors import DistributedError
 from treespec.sampling import SamplingParams
 from treespec.tokenizer import Tokenizer
 
@@ -31,6 +33,7 @@ class ReplicaArgs:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_waiting: int
+    load: dict  # cli_args.load_kwargs: tensor/pipeline-parallel sizes, device, dtype, kernels
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class EngineReplica:
             LLM, args.model, speculative_config=args.speculative_config, max_model_len=args.max_model_len,
             weight_quantization=args.weight_quantization, num_threads=args.num_threads,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_waiting=args.max_waiting)
+            max_waiting=args.max_waiting, **args.load)
         self._engine = AsyncEngine(self._llm.engine)
         self._id, self._board = uuid.uuid4().hex, board
         self._posted: EngineSnapshot | None = None
@@ -96,7 +99,18 @@ class EngineReplica:
             await self._post()
             await asyncio.sleep(POST_INTERVAL_S)
 
+    def check_health(self) -> None:
+        """Ray Serve asks this periodically; raising makes it replace the replica. A tensor/pipeline-parallel
+        group that lost a rank fails every later request, so the replica is unhealthy from then on."""
+        target = self._llm.target
+        if isinstance(target, ParallelTarget):
+            dead = target.workers.dead()  # (noticed here even before a forward fails on it)
+            if target.failure is not None or dead:
+                raise DistributedError(target.failure or f"{target.name} {', '.join(dead)} died")
+
     def __del__(self) -> None:
-        """Ray Serve calls this when it stops the replica: abort whatever is left and stop the engine thread."""
+        """Ray Serve calls this when it stops the replica: abort whatever is left, stop the engine thread and then
+        the worker ranks of a parallel group (they also exit by themselves once this process is gone)."""
         self._poster.cancel()
         self._engine.close()
+        self._llm.close()
