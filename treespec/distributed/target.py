@@ -78,7 +78,8 @@ class ParallelTarget(nn.Module):
             except Exception as e:  # noqa: BLE001 - the ranks are out of step now: every later forward fails too
                 dead = self._dead_ranks()
                 self.failure = (f"{self.name} " + ", ".join(dead) + " died" if dead
-                                else f"{self.name} group failed: {first_line(e)}") + "; restart treespec"
+                                else f"{self.name} group failed: {first_line(e)}") + \
+                                "; the group is stopped (a Ray Serve replica is replaced; a single server needs a restart)"
                 raise DistributedError(self.failure) from None
 
     def _dead_ranks(self) -> list[str]:
