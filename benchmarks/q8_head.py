@@ -47,13 +47,13 @@ def planted_states(w: torch.Tensor, rows: int, seed: int) -> torch.Tensor:  # w:
 def real_states(model: str, rows: int) -> torch.Tensor:  # -> [>= rows, D]
     """Hidden states the default model's head is asked about during speculative greedy completion."""
     from treespec import LLM, SamplingParams
-    llm = LLM(model, speculative_config="ngram")
+    llm = LLM(model, speculative_config={"method": "ngram"})
     head = llm.target.lm_head
     seen: list[torch.Tensor] = []
     argmax = head.argmax
     head.argmax = lambda h, screened=None: (seen.append(h.detach().clone()), argmax(h, screened))[1]
     for q in QUESTIONS:
-        llm.generate(f"Question: {q}\nAnswer:", SamplingParams(max_tokens=24))
+        llm.generate(f"Question: {q}\nAnswer:", SamplingParams(temperature=0.0, max_tokens=24))
         if sum(s.shape[0] for s in seen) >= rows:
             break
     return torch.cat(seen)
