@@ -6,7 +6,7 @@ Methods, interleaved in one process on the real tied head (262144 x 640):
     fp16      LMHead.argmax without blocks: fbgemm fp16 screen (335 MB) + certified float64 rescoring
     q8        Q8Head.argmax: fused top-k over the blocks (179 MB) + the same kind of certificate
     bf16      LMHead.argmax through the AVX512_BF16 screen over the blocks (179 MB) + rescoring (where the CPU has
-              it; the blocks head's few-row path switched off, so every row count takes the screen)
+              it; forced for every row count: LMHead takes it from WIDE_SCREEN_FROM_ROWS rows)
     mm        torch.mm(W, h^T) over the dequantized fp32 head, then argmax (671 MB; --mm)
 
 Hidden states: --states planted (default) plants them like research/lm-head.md's control: h = 25 * w_t / |w_t| +
@@ -87,7 +87,7 @@ def main() -> None:
     bf16 = LMHead(dense)
     if screen is not None:
         bf16.use_blocks_head(q8, screen)
-        bf16.blocks_head_max_rows = 0
+        bf16.wide_screen_from_rows = 1
         methods["bf16"] = lambda h: bf16.argmax(h)
     if args.mm:
         methods["mm"] = lambda h: torch.mm(dense, h.t()).argmax(0)
@@ -101,7 +101,7 @@ def main() -> None:
         answers = {n: fn(h) for n, fn in methods.items()}  # warm-up, and the agreement check
         for n, got in answers.items():
             assert torch.equal(got, answers["fp16"]), f"{n} disagrees with fp16 at {t} rows"
-        before = (bf16.stats.rescored, bf16.stats.candidates)
+        before = (bf16.stats.rescored, bf16.stats.candidates)  # only bf16 runs through that head
         times: dict[str, list[float]] = {n: [] for n in methods}
         for _ in range(args.repeats):
             for n, fn in methods.items():

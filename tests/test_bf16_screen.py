@@ -1,6 +1,6 @@
 """The AVX512_BF16 screen over a Q8_0 head (kernels/bf16_screen.py): its logits against a float64 twin, its error
 bound against exact products, and LMHead's argmax through it against the dequantized fp32 argmax (random heads,
-constructed ties and near-ties, outlier channels, non-finite states, sampling), then end to end in blocks mode."""
+constructed ties and near-ties, outlier channels, non-finite states), then end to end in blocks mode."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,6 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from test_head_sampler import brute_force, uniforms
 from test_quant_blocks import random_blocks
 from tiny_gguf import write_model
 from treespec import LLM, SamplingParams
@@ -17,7 +16,6 @@ from treespec.kernels import bf16_screen
 from treespec.kernels.bf16_screen import Bf16Screen, reference_screen
 from treespec.kernels.block_layout import PackedBlocks, dequantize_packed, pack
 from treespec.kernels.q8_head import Q8Head
-from treespec.models.head_sampler import gumbel_sample
 from treespec.models.lm_head import LMHead, block_maxima, gamma
 
 needs_bf16 = pytest.mark.skipif(bf16_screen.compiled() is None, reason="no AVX512_BF16 (or no compiler) here")
@@ -32,7 +30,7 @@ def screened_head(q8: Q8Head) -> LMHead:
     """An LMHead over the dequantized weights whose argmax takes the bf16 screen for every row count."""
     lm = LMHead(dequantize_packed(q8.blocks))
     lm.use_blocks_head(q8, Bf16Screen.build(q8))
-    lm.blocks_head_max_rows = 0
+    lm.wide_screen_from_rows = 1
     return lm
 
 
@@ -52,7 +50,7 @@ def test_no_screen_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Bf16Screen.build(q8) is None
     lm = LMHead(dequantize_packed(q8.blocks))
     lm.use_blocks_head(q8, None)
-    assert lm.screen is None and lm.blocks_head_max_rows == 3
+    assert lm.wide_screen is None
 
 
 @needs_bf16
@@ -104,7 +102,7 @@ def test_argmax_is_the_dequantized_fp32_argmax(vocab: int, dim: int) -> None:
     for rows in ROWS:
         h = states(rows, dim, seed=100 + rows, outliers=rows == 17)
         assert torch.equal(lm.argmax(h), (h @ lm.weight.t()).argmax(-1))
-    assert lm.stats.screened == sum(ROWS) and lm.stats.exact == 0
+    assert lm.stats.wide == lm.stats.screened == sum(ROWS) and lm.stats.exact == 0
 
 
 @needs_bf16
@@ -148,16 +146,6 @@ def test_non_finite_states_fall_back_to_the_exact_argmax() -> None:
     assert torch.equal(lm.argmax(h), lm.logits(h).argmax(-1))
 
 
-@needs_bf16
-def test_sampling_through_the_bf16_screen_is_exact() -> None:
-    lm = screened_head(random_head(4099, 64, seed=12))
-    h = states(20, 64, seed=5) / 10.0
-    for i in range(20):
-        u = uniforms(i, 4099)
-        assert gumbel_sample(lm, h[i], u, 1.0, lm.screen_logits(h[i:i + 1])[0]) == brute_force(lm, h[i], u, 1.0)
-    assert lm.stats.screened == 20
-
-
 @pytest.fixture(scope="module")
 def blocks_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
     path: Path = tmp_path_factory.mktemp("bf16_screen") / "gemma3.gguf"
@@ -170,12 +158,12 @@ def blocks_llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
 @needs_bf16
 def test_speculative_greedy_equals_plain_greedy_through_the_screen(blocks_llm: LLM) -> None:
     head = blocks_llm.target.lm_head
-    assert isinstance(head.screen, Bf16Screen) and head.blocks_head is not None
+    assert isinstance(head.wide_screen, Bf16Screen) and head.blocks_head is not None
     prompts = ["hello world hello world hello", "the the the world", "abc abc abc ab", "x = (x)"]
     params = SamplingParams(temperature=0.0, max_tokens=24)
     plain = [o.token_ids for o in blocks_llm.generate(prompts, params, speculate=False)]
-    before = head.stats.screened
+    before = head.stats.wide
     assert [o.token_ids for o in blocks_llm.generate(prompts, params, speculate=True)] == plain
-    assert head.stats.screened > before  # tree rows went through the bf16 screen
+    assert head.stats.wide > before  # the batch's tree rows (16 or more) went through the bf16 screen
     alone = [blocks_llm.generate(p, params, speculate=False)[0].token_ids for p in prompts]
     assert alone == plain

@@ -2,7 +2,7 @@
 // (d * q is exact in fp32, then one round to nearest even), x~ the caller's bf16 activations, and the products
 // summed by vdpbf16ps in fp32 (the error bound is in bf16_screen.py).
 //
-// Speed: a tile of kTileRows weight rows is dequantized to bf16 once (into a 5 KB buffer for D = 640) and used
+// Speed: a tile of kTileRows weight rows is dequantized to bf16 once (into a small buffer) and used
 // for every activation row, kRowTile rows at a time in registers, so from a few rows the cost is one vdpbf16ps
 // per 32 multiply-adds (fp32 FMAs do 16) over half the bytes of an fp32 weight. Alongside the logits the kernel
 // writes each row's maximum over every run of kBlock ids (lm_head.block_maxima's blocks; NaN propagates), so
@@ -19,8 +19,11 @@
 namespace {
 
 constexpr int kGroup = 32;      // Q8_0 block, and the 32 bf16 of one zmm
-constexpr int kTileRows = 4;    // weight rows dequantized together
-constexpr int kRowTile = 4;     // activation rows per register tile
+// weight rows dequantized together x activation rows per register tile; measured on the real head, 1 thread,
+// ms at 4 / 8 / 16 rows: 2 x 8 19.8 / 30.1 / 51.4, 4 x 4 25.9 / 42.1 / 59.5, 2 x 12 19.8 / 30.2 / 59.4,
+// 8 x 3 31.0 / 41.4 / 60.0, 1 x 16 21.2 / 32.0 / 65.3
+constexpr int kTileRows = 2;
+constexpr int kRowTile = 8;
 constexpr int64_t kBlock = 256; // ids per block maximum (models/lm_head.py _BLOCK)
 constexpr int64_t kAhead = 2;   // weight tiles fetched ahead
 
@@ -75,6 +78,15 @@ struct Screen {
       for (int t = 0; t < TR; ++t) out[t0 + t][r] = _mm512_reduce_add_ps(acc[r][t]);
   }
 
+  // the last T - t0 (< kRowTile) rows in one tile
+  template <int TR>
+  void rest(const __m512bh* w, int64_t t0, float out[][kTileRows]) const {
+    if constexpr (TR > 0) {
+      if (T - t0 == TR) tile<TR>(w, t0, out);
+      else rest<TR - 1>(w, t0, out);
+    }
+  }
+
   // ids [n_begin, n_end) (one block): logits into s [T, N], the block's max into m [T, B] at column b
   void block(int64_t n_begin, int64_t n_end, int64_t b, int64_t B, float* s, float* m,
              __m512bh* w, float* scales, float out[][kTileRows]) const {
@@ -89,9 +101,7 @@ struct Screen {
       }
       int64_t t = 0;
       for (; t + kRowTile <= T; t += kRowTile) tile<kRowTile>(w, t, out);
-      if (T - t == 3) tile<3>(w, t, out);
-      if (T - t == 2) tile<2>(w, t, out);
-      if (T - t == 1) tile<1>(w, t, out);
+      rest<kRowTile - 1>(w, t, out);
       for (t = 0; t < T; ++t) {
         float best = m[t * B + b];
         for (int64_t r = 0; r < nr; ++r) {
