@@ -93,7 +93,8 @@ def main() -> None:
         methods["mm"] = lambda h: torch.mm(dense, h.t()).argmax(0)
     states = real_states(args.model, max(args.rows)) if args.states == "real" else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; head {tuple(dense.shape)}: q8 and bf16 "
-          f"{q8.nbytes / 1e6:.0f} MB, fp16 screen {2 * dense.numel() / 1e6:.0f} MB; {args.states} hidden states, {args.clock} clock")
+          f"{q8.nbytes / 1e6:.0f} MB, fp16 screen {2 * dense.numel() / 1e6:.0f} MB; {args.states} hidden states, "
+          f"{args.clock} clock")
     print("| rows | " + " | ".join(methods) + " | fp16/bf16 | q8/bf16 | bf16 rescored rows (candidates) |")
     print("|---:|" + "---:|" * len(methods) + "---:|---:|---:|")
     for t in args.rows:

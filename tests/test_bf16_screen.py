@@ -109,8 +109,8 @@ def test_argmax_is_the_dequantized_fp32_argmax(vocab: int, dim: int) -> None:
 def test_near_ties_are_rescored_and_exact_ties_fall_back() -> None:
     """Row 40 outweighs the others (scales 0.05 vs ~0.01); 700, 2100 and 41 are copies of it (41 with one code
     changed in a block scaled 2^-20: below fp32 noise), 42 with code 64 one step higher. With h along row 40
-    (h[64] = 0) they tie (the exact fallback decides); with h[64] raised, 42 wins by ~100, inside the screen's error (about
-    a thousand here) but far outside fp32 noise: float64 rescoring decides."""
+    (h[64] = 0) they tie (the exact fallback decides); with h[64] raised, 42 wins by ~100, inside the screen's
+    error (about a thousand here) but far outside fp32 noise: float64 rescoring decides."""
     q8 = random_head(2500, 640, seed=3)
     q, d = q8.q.clone(), q8.d.clone()
     d[40] = 0.05

@@ -1,9 +1,10 @@
 """A greedy screen straight from the Q8_0 head's blocks with AVX512_BF16: the fp16 screen's job at half its bytes.
 
 Why: a verified 16-node tree needs the argmax of 16 rows over the 262144 x 640 head. The exact Q8_0 kernel
-(kernels/q8_head.py) is bound by fp32 multiply-adds from 4 rows (40 ms at 16), and the fbgemm fp16 screen reads
-a 335 MB copy (~60 ms at 16). vdpbf16ps does 32 multiply-adds per instruction; the kernel (bf16_screen.cpp)
-dequantizes a tile of weight rows to bf16 once and uses it for every row, reading only the 179 MB of blocks.
+(kernels/q8_head.py) is bound by fp32 multiply-adds from 4 rows, and the fbgemm fp16 screen reads a 335 MB
+copy. vdpbf16ps does 32 multiply-adds per instruction; the kernel (bf16_screen.cpp) dequantizes a tile of weight
+rows to bf16 once and uses it for every row, reading only the 179 MB of blocks. LMHead.argmax takes it from
+lm_head.WIDE_SCREEN_FROM_ROWS rows (below that the Q8_0 kernel or the fp16 copy are as fast or faster).
 LMHead (models/lm_head.py) then keeps every token the bound below cannot rule out and rescores those in float64,
 exactly as for the fp16 screen, so the answer is still every fp32 product's argmax (or the exact fallback).
 
@@ -19,8 +20,15 @@ so |s_v - r_v| <= E(h) = W~ (gamma_2D |h~| + |h - h~|) + dW |h| + gamma_D W |h| 
 dW = max_v |w_v - w~_v|, W = max_v |w_v| measured once at load (float64), the norms of h per call.
 A covers vdpbf16ps's denormal handling (inputs as zero, results flushed to zero: each flush moves a value
 below 2^-126): A = 2 * 2^-126 (sqrt(D) W~ + 2 D). Candidates are then the tokens with s_v >= max s - 2E.
-Keeping the weights exact instead (bf16(q) is exact for int8, d applied per group of 32) drops the dW term but
-costs a second instruction per group and row; benchmarks/q8_head.py measured that choice (see DESIGN.md).
+Why rounded weights: keeping them exact (bf16(q) is exact for int8, d applied per group of 32 by an fp32 FMA)
+would drop the dW term but double the instructions per group and row, and the kernel is bound by those from 8
+rows (not measured as a kernel; a microbenchmark here ran vdpbf16ps and vfmadd zmm at the same rate). On real
+hidden states the rounded weights' bound leaves 1 row in 16 with a second candidate (benchmarks/q8_head.py).
+
+Measured (benchmarks/q8_head.py --states real --threads 1 --clock thread, CPU time on the shared 2-core Zen 4,
+ms at 4 / 8 / 16 rows): this screen 20.6 / 31.4 / 53.8, fbgemm fp16 screen 19.4 / 31.9 / 62.8, Q8_0 kernel
+22.2 / 45.5 / 84.8. Without the dequantization (a copy reused; 4 x 4 tiles) it ran ~45 of ~58 ms at 16 rows: vdpbf16ps
+throughput binds, so the 189 MB memory time (~10 ms) is out of reach on this CPU.
 
 Where the CPU lacks AVX512_BF16 (e.g. AVX2-only CI machines) `compiled()` is None and LMHead keeps the fp16
 screen, with identical answers.

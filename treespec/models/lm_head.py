@@ -17,9 +17,10 @@ Assumes the reference logits are plain fp32 GEMMs (PyTorch's default CPU matmul 
 
 With a Q8_0 head's blocks attached (weight_quantization "blocks": use_blocks_head), argmax() of 1-3 rows reads
 those instead (kernels/q8_head.py, 179 MB against the screen's 335 MB): a row they certify is every fp32 product's
-argmax, so this one's; the rows they leave uncertain (near-ties) take the path above. Where the CPU has AVX512_BF16, argmax() of
-WIDE_SCREEN_FROM_ROWS or more rows (a verified tree) reads those blocks through kernels/bf16_screen.py instead of
-the fp16 copy: the same candidates-and-rescoring argument with that screen's own bound E(h).
+argmax, so this one's; the rows they leave uncertain (near-ties) take the path above. Where the CPU has
+AVX512_BF16, argmax() of WIDE_SCREEN_FROM_ROWS or more rows (a verified tree) reads those blocks through
+kernels/bf16_screen.py instead of the fp16 copy: the same candidates-and-rescoring argument with that screen's
+own bound E(h). The fp16 copy stays (4-7 rows, sampling, the rows the blocks head leaves uncertain).
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ _BLOCK = 256                      # logits per block when looking for candidates
 # 12.0/12.1/12.0/12.4; from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster
 BLOCKS_HEAD_MAX_ROWS = 3
 # from this many rows argmax() takes the bf16 screen over the blocks when it has one (kernels/bf16_screen.py).
-# benchmarks/q8_head.py, real hidden states, 1 thread CPU time, loaded machine, ms for 4/8/12/16 rows: fp16
-# screen 18.3/32.3/45.5/64.7, bf16 screen 28.8/42.7/52.4/60.9, blocks head 23.3/45.0/67.0/86.9
-WIDE_SCREEN_FROM_ROWS = 16
+# benchmarks/q8_head.py --states real --threads 1 --clock thread (CPU time; machine shared), ms at 4/6/8/12/16
+# rows: fp16 screen 19.4/24.9/31.9/44.7/62.8, bf16 screen 20.6/27.3/31.4/39.7/53.8, blocks 22.2/36.1/45.5/66.7/84.8
+WIDE_SCREEN_FROM_ROWS = 8
 
 
 def gamma(n: int, u: float = _U32) -> float:
