@@ -70,6 +70,21 @@ def test_logits_match_the_twin_and_maxima_match_block_maxima(vocab: int, dim: in
 
 
 @needs_bf16
+def test_values_do_not_depend_on_the_thread_count() -> None:
+    q8 = random_head(3001, 640, seed=6)
+    screen = Bf16Screen(q8)
+    h = states(9, 640, seed=3)
+    many = screen.scan(h)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = screen.scan(h)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(many, one))
+
+
+@needs_bf16
 def test_norms_are_the_rounded_weights_norms() -> None:
     q8 = random_head(2049, 640, seed=2)
     screen = Bf16Screen(q8)
