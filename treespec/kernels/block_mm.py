@@ -53,9 +53,10 @@ def compiled() -> ModuleType | None:
     return build(_SOURCE)
 
 
-def build(source: Path) -> ModuleType | None:
+def build(source: Path, flags: tuple[str, ...] = ()) -> ModuleType | None:
     """Compile (once per machine and torch version, cached by torch) and load one kernel source; None, logged,
-    where that fails. Callers check for AVX2 first (compiled())."""
+    where that fails. Callers check for AVX2 first (compiled()), and for whatever extra `flags` (e.g. -mavx512bf16)
+    need."""
     # one build per source path (checkouts side by side never rebuild each other's), and per version of lanes.h
     name = f"treespec_{source.stem}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
     log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
@@ -63,7 +64,8 @@ def build(source: Path) -> ModuleType | None:
         from torch.utils import cpp_extension
         _drop_stale_lock(build_dir(name))
         header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
-        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, f"-DLANES_H={header}"],
+        return cpp_extension.load(name=name, sources=[str(source)],
+                                  extra_cflags=[*_CFLAGS, *flags, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)

@@ -43,7 +43,7 @@ def gumbel_sample(head: LMHead, h: torch.Tensor, u: torch.Tensor, temperature: f
 
 def _screened_sample(head: LMHead, h: torch.Tensor, u: torch.Tensor, t: float, s: torch.Tensor) -> int:
     v = s.shape[0]
-    err = head.screen.slope * float(h.double().norm())
+    err = float(head.screen.error(h[None])[0])
     ub = capped(block_maxima(s[None])[0].double() + err, head.softcap) / t + gumbel(block_maxima(u[None])[0])
     # L: the exact score of the best-looking token of the most promising block (any token gives a valid bound)
     first = _block_ids(torch.tensor([int(ub.argmax())]), v)

@@ -17,13 +17,16 @@ Assumes the reference logits are plain fp32 GEMMs (PyTorch's default CPU matmul 
 
 With a Q8_0 head's blocks attached (weight_quantization "blocks": use_blocks_head), argmax() of 1-3 rows reads
 those instead (kernels/q8_head.py, 179 MB against the screen's 335 MB): a row they certify is every fp32 product's
-argmax, so this one's; the rows they leave uncertain (near-ties) take the path above.
+argmax, so this one's; the rows they leave uncertain (near-ties) take the path above. Where the CPU has
+AVX512_BF16, argmax() of WIDE_SCREEN_FROM_ROWS or more rows (a verified tree) reads those blocks through
+kernels/bf16_screen.py instead of the fp16 copy: the same candidates-and-rescoring argument with that screen's
+own bound E(h). The fp16 copy stays (4-7 rows, sampling, the rows the blocks head leaves uncertain).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -43,6 +46,10 @@ _BLOCK = 256                      # logits per block when looking for candidates
 # benchmarks/q8_head.py, quiet machine, 2 threads, ms for 1/2/3/4 rows: blocks 6.2/7.8/9.9/12.1, screen
 # 12.0/12.1/12.0/12.4; from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster
 BLOCKS_HEAD_MAX_ROWS = 3
+# from this many rows argmax() takes the bf16 screen over the blocks when it has one (kernels/bf16_screen.py).
+# benchmarks/q8_head.py --states real --threads 1 --clock thread (CPU time; machine shared), ms at 4/6/8/12/16
+# rows: fp16 screen 19.4/24.9/31.9/44.7/62.8, bf16 screen 20.6/27.3/31.4/39.7/53.8, blocks 22.2/36.1/45.5/66.7/84.8
+WIDE_SCREEN_FROM_ROWS = 8
 
 
 def gamma(n: int, u: float = _U32) -> float:
@@ -137,12 +144,23 @@ def certified_winner(w: torch.Tensor, h: torch.Tensor, ids: torch.Tensor,
 @dataclass
 class HeadStats:
     """Which path each argmax() row took; read by tests and benchmarks."""
-    screened: int = 0      # rows decided through the fp16 screen
+    screened: int = 0      # rows decided through a screen (the fp16 copy, or bf16 over the Q8_0 blocks)
     rescored: int = 0      # of those, rows with more than one candidate (rescored in float64)
     candidates: int = 0    # candidate tokens rescored in total
     fallbacks: int = 0     # batches answered by the full fp32 logits (near-tie, non-finite values, huge sets)
     exact: int = 0         # rows answered by the full fp32 logits (fallbacks, small vocab, no fbgemm)
     blocks: int = 0        # rows decided from the quantized head's blocks (certified, see use_blocks_head)
+    wide: int = 0          # of the screened rows, those through the bf16 screen over the blocks
+
+
+class Screen(Protocol):
+    """Approximate logits with a proven per-row bound: |screen(h)[t, v] - any fp32 product w_v.h[t]| <= error(h)[t]."""
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...  # h: [T, D] -> [T, V] fp32
+
+    def scan(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # -> [T, V], block_maxima [T, B]
+
+    def error(self, h: torch.Tensor) -> torch.Tensor: ...  # h: [T, D] -> [T] float64
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,13 @@ class Fp16Screen:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32
         return torch.ops.quantized.linear_dynamic_fp16(h, self.packed)
+
+    def scan(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # h: [T, D] -> [T, V], [T, B]
+        s = self(h)
+        return s, block_maxima(s)
+
+    def error(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T] float64
+        return self.slope * h.double().norm(dim=1)
 
 
 def fp16_ops_available() -> bool:
@@ -185,8 +210,10 @@ class LMHead:
         self.softcap = softcap
         self.portable = portable
         self.stats = HeadStats()
-        self.screen: Fp16Screen | None = None  # built by prepare(); None = exact fp32 path
+        self.screen: Screen | None = None  # the fp16 copy, built by prepare(); None = exact fp32 path
         self.blocks_head: Q8Head | None = None  # set by use_blocks_head(): argmax of few rows from the blocks
+        self.wide_screen: Screen | None = None  # set by use_blocks_head(): argmax of many rows over the blocks
+        self.wide_screen_from_rows = WIDE_SCREEN_FROM_ROWS
         self._prepared = False
 
     @property
@@ -207,17 +234,20 @@ class LMHead:
             self._prepared = True
         return self.screen is not None
 
-    def use_blocks_head(self, blocks_head: Q8Head) -> None:
-        """Let argmax() of up to BLOCKS_HEAD_MAX_ROWS rows read these blocks: they must hold exactly this head's
-        weights (checked on a sample of rows), so a certified choice from them is this head's argmax."""
+    def use_blocks_head(self, blocks_head: Q8Head, screen: Screen | None = None) -> None:
+        """Let argmax() of few rows read these blocks: they must hold exactly this head's weights (checked on a
+        sample of rows), so a certified choice from them is this head's argmax. screen: a screen over the same
+        blocks (kernels/bf16_screen.py) for argmax() of wide_screen_from_rows rows or more."""
         rows = torch.arange(0, self.vocab_size, max(1, self.vocab_size // 256))
         if blocks_head.q.shape != self.weight.shape or blocks_head.softcap != self.softcap or \
                 not torch.equal(blocks_head.rows_f64(rows).float(), self.weight[rows]):
             raise ValueError("the blocks head does not hold this head's weights")
         self.blocks_head = blocks_head
+        self.wide_screen = screen
 
     def bytes_per_step(self) -> int:
-        """Weight bytes one argmax() of one row reads: the blocks, the fp16 copy (screen) or the fp32 head."""
+        """Weight bytes one argmax() of one row reads: the blocks (either screen of them), the fp16 copy (screen)
+        or the fp32 head."""
         if self.blocks_head is not None:
             return self.blocks_head.nbytes
         return self.weight.numel() * (2 if self.screen_wanted else self.weight.element_size())
@@ -247,20 +277,27 @@ class LMHead:
         """Exactly logits(h).argmax(-1) (lowest id on ties), through the Q8_0 blocks (few rows, when attached)
         or the fp16 screen when they pay.
         screened: screen_logits(h) if the caller has them already (then the screen decides, as it is paid for)."""
+        if self.wide_screen is not None and screened is None and h.shape[0] >= self.wide_screen_from_rows:
+            return self._screened_or_exact_argmax(h, None, self.wide_screen)
         if self.blocks_head is not None and screened is None and 0 < h.shape[0] <= BLOCKS_HEAD_MAX_ROWS:
             return self._blocks_argmax(h)
         return self._screened_or_exact_argmax(h, screened)
 
-    def _screened_or_exact_argmax(self, h: torch.Tensor,
-                                  screened: torch.Tensor | None) -> torch.Tensor:  # h: [T, D] -> [T]
-        if not self.prepare() or h.shape[0] == 0:
+    def _screened_or_exact_argmax(self, h: torch.Tensor, screened: torch.Tensor | None,
+                                  screen: Screen | None = None) -> torch.Tensor:  # h: [T, D] -> [T]
+        """Through `screen` (default: the fp16 copy; then `screened` may hold its logits already)."""
+        if screen is None:
+            screen = self.screen if self.prepare() else None
+        if screen is None or h.shape[0] == 0:
             return self._exact_argmax(h)
         h = h.contiguous()
-        picked = self._screened_argmax(h, self.screen(h) if screened is None else screened)
+        s, maxima = screen.scan(h) if screened is None else (screened, block_maxima(screened))
+        picked = self._screened_argmax(h, s, maxima, screen)
         if picked is None:
             self.stats.fallbacks += 1
             return self._exact_argmax(h)
         self.stats.screened += h.shape[0]
+        self.stats.wide += h.shape[0] if screen is self.wide_screen else 0
         return picked
 
     def _blocks_argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T]
@@ -277,10 +314,10 @@ class LMHead:
         self.stats.exact += h.shape[0]
         return self.logits(h).argmax(dim=-1)
 
-    def _screened_argmax(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:  # h: [T, D], s: [T, V]
-        """[T] argmax, or None if uncertified."""
-        err = self.screen.slope * h.double().norm(dim=1)               # [T]
-        maxima = block_maxima(s)
+    def _screened_argmax(self, h: torch.Tensor, s: torch.Tensor, maxima: torch.Tensor,
+                         screen: Screen) -> torch.Tensor | None:  # h: [T, D], s: [T, V], maxima: [T, B]
+        """[T] argmax from screen's logits s, or None if uncertified."""
+        err = screen.error(h)                                          # [T]
         thr = candidate_threshold(maxima.amax(dim=1).double(), err, self.softcap)
         if not bool(torch.isfinite(thr).all()):
             return None

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from treespec.kernels.block_layout import PackedBlocks, concat_rows
+from treespec.kernels.bf16_screen import Bf16Screen
 from treespec.kernels.block_mm import block_mm, compiled
 from treespec.kernels.q8_head import Q8Head, compiled as head_kernel_compiled
 
@@ -72,9 +73,11 @@ def use_blocks(model: nn.Module, blocks: dict[str, PackedBlocks]) -> int:
 
 
 def use_head_blocks(model: nn.Module, blocks: PackedBlocks | None) -> bool:
-    """Attach a Q8_0 head's blocks to model.lm_head (models/lm_head.py: argmax of few rows reads them); False,
-    with the head unchanged, when there are none or the head kernel cannot be built here."""
+    """Attach a Q8_0 head's blocks to model.lm_head (models/lm_head.py: argmax of few rows reads them, and where
+    the CPU has AVX512_BF16 the screen for more rows too); False, with the head unchanged, when there are none or
+    the head kernel cannot be built here."""
     if blocks is None or head_kernel_compiled() is None:
         return False
-    model.lm_head.use_blocks_head(Q8Head(blocks, model.lm_head.softcap))
+    head = Q8Head(blocks, model.lm_head.softcap)
+    model.lm_head.use_blocks_head(head, Bf16Screen.build(head))
     return True
