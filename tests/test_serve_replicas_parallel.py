@@ -21,7 +21,7 @@ import openai
 import pytest
 from serving_tiny import save_tiny_model_dir
 from test_server_cli import KEY, free_port, in_engine, stream_all
-from test_server_replicas import descendants, in_session, process_table
+from test_server_replicas import descendants, in_session, process_table, wait_ready
 
 from treespec.api import LLM
 from treespec.sampling import SamplingParams
@@ -59,19 +59,6 @@ def streams_on_both_replicas(base: str, max_tokens: int) -> tuple[list[threading
                 return threads, results
             time.sleep(0.02)
         assert time.monotonic() < deadline, "two requests never ran at once"
-
-
-def wait_ready(proc: subprocess.Popen, base: str) -> None:
-    deadline = time.monotonic() + 240
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the replicas did not become ready"
-        time.sleep(0.5)
 
 
 def test_replicas_of_tensor_parallel_groups_answer_like_one_process_and_drain_on_sigterm(tmp_path):

@@ -71,6 +71,19 @@ def metric(base: str, name: str) -> float:
 LONG = 2000  # tokens: a few seconds of the tiny model, long enough to hold both replicas busy
 
 
+def wait_ready(proc: subprocess.Popen, base: str) -> None:
+    deadline = time.monotonic() + 240
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the replicas did not become ready"
+        time.sleep(0.5)
+
+
 def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(tmp_path):
     model = save_tiny_model_dir(tmp_path / "tiny")
     config = json.loads((model / "config.json").read_text())  # (rotary positions: any length works)
@@ -85,16 +98,7 @@ def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(
         start_new_session=True)  # its own session: what is left of it after exit is an orphan
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the replicas did not become ready"
-            time.sleep(0.5)
+        wait_ready(proc, base)
         assert httpx.get(f"{base}/v1/models").status_code == 401
 
         client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
