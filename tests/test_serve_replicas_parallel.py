@@ -7,7 +7,6 @@ Serve's health check replaces the broken replica with a fresh group."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -16,12 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 from serving_tiny import save_tiny_model_dir
 from test_server_cli import KEY, free_port, in_engine, stream_all
-from test_server_replicas import descendants, in_session, process_table, wait_ready
+from test_server_replicas import descendants, in_session, process_table, sigterm_drains, wait_ready
 
 from treespec.api import LLM
 from treespec.sampling import SamplingParams
@@ -112,15 +110,7 @@ def test_replicas_of_tensor_parallel_groups_answer_like_one_process_and_drain_on
         threads, results = streams_on_both_replicas(base, IN_FLIGHT)
         processes = descendants(proc.pid)
         assert {"raylet", "gcs_server"} <= set(processes.values()), processes
-        proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(120)
-        assert proc.wait(120) == 0, proc.stdout.read()
-        for events in results:  # both in-flight streams finished in full
-            assert events[-1] == "[DONE]"
-            assert json.loads(events[-2])["usage"]["completion_tokens"] == IN_FLIGHT
-        time.sleep(1.5)  # (a worker notices its replica is gone within a second)
-        assert in_session(proc.pid) == {}
+        sigterm_drains(proc, threads, results, IN_FLIGHT)
         live = process_table()
         assert [pid for pid in workers if pid in live] == [], "a worker rank outlived the server"
         assert {pid: name for pid, name in processes.items() if pid in live} == {}

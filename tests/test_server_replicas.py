@@ -84,6 +84,20 @@ def wait_ready(proc: subprocess.Popen, base: str) -> None:
         time.sleep(0.5)
 
 
+
+def sigterm_drains(proc: subprocess.Popen, threads: list, results: list, tokens: int) -> None:
+    """SIGTERM with streams in flight: every stream finishes in full, the server exits 0, and nothing is left in
+    its session."""
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(120)
+    assert proc.wait(120) == 0, proc.stdout.read()
+    for events in results:
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == tokens
+    time.sleep(1.5)  # (a killed process may take a moment to leave /proc; a worker notices its replica is gone)
+    assert in_session(proc.pid) == {}
+
 def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(tmp_path):
     model = save_tiny_model_dir(tmp_path / "tiny")
     config = json.loads((model / "config.json").read_text())  # (rotary positions: any length works)
@@ -119,15 +133,7 @@ def test_two_replicas_behind_one_endpoint_drain_on_sigterm_and_leave_no_process(
         ray_processes = descendants(proc.pid)
         assert {"raylet", "gcs_server"} <= set(ray_processes.values()), ray_processes
 
-        proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(120)
-        assert proc.wait(120) == 0, proc.stdout.read()
-        for events in results:  # both in-flight streams finished in full
-            assert events[-1] == "[DONE]"
-            assert json.loads(events[-2])["usage"]["completion_tokens"] == LONG
-        time.sleep(1)  # (a killed process may take a moment to leave /proc)
-        assert in_session(proc.pid) == {}
+        sigterm_drains(proc, threads, results, LONG)
         assert {pid: name for pid, name in ray_processes.items() if pid in process_table()} == {}
     finally:
         if in_session(proc.pid):
