@@ -25,8 +25,10 @@ from treespec.weights.loader import load_checkpoint
 
 TYPES = (Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K)
 FP16_FIELDS = {Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}  # byte offsets of d (and dmin)
-ROWS = (1, 2, 3, 4, 5, 13, 17, 64)
+ROWS = (*range(1, 21), 64)  # every pass split of the register tiles, direct and buffered
 needs_kernel = pytest.mark.skipif(kernel.compiled() is None, reason="block kernel cannot be built here")
+# every build this CPU runs (an AVX-512 machine also runs, and so tests, the AVX2 build CI machines may pick)
+ISAS = kernel.runnable_isas()
 
 
 def random_blocks(qtype: Q, out_f: int, in_f: int, seed: int = 0) -> np.ndarray:
@@ -57,17 +59,26 @@ def test_packing_reproduces_gguf_dequantize_bitwise(qtype: Q) -> None:
     assert np.array_equal(ref.view(np.int32), got.view(np.int32))
 
 
+def build(isa: kernel.Isa):
+    ext = kernel.variant(isa)
+    if ext is None:
+        pytest.skip(f"{isa.name} build unavailable here")
+    return ext
+
+
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: i.name)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("out_f", (1, 13, 37, 64))
-def test_kernel_matches_reference(qtype: Q, out_f: int) -> None:
+def test_kernel_matches_reference(qtype: Q, out_f: int, isa: kernel.Isa) -> None:
     in_f = 512 if qtype in (Q.Q4_K, Q.Q6_K) else 96  # K-quants are 256-wide; 96 = three 32-blocks
     raw = random_blocks(qtype, out_f, in_f, seed=out_f)
     w = pack(raw, qtype, (out_f, in_f))
     torch.manual_seed(out_f)
+    ext = build(isa)
     for rows in ROWS:
         x = torch.randn(rows, in_f)
-        y = kernel.block_mm(x, w)
+        y = kernel.block_mm(x, w, ext)
         exact, bound = reference(raw, qtype, (out_f, in_f), x)
         assert y.shape == (rows, out_f) and y.dtype == torch.float32
         assert ((y.double() - exact).abs() <= bound).all(), f"rows={rows}"
@@ -75,16 +86,20 @@ def test_kernel_matches_reference(qtype: Q, out_f: int) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_a_rows_result_does_not_depend_on_the_other_rows(qtype: Q) -> None:
-    """Lossless speculation: a tree's rows must not change each other's numbers, bit for bit."""
+def test_a_rows_result_does_not_depend_on_the_other_rows_or_the_build(qtype: Q) -> None:
+    """Lossless speculation: a tree's rows must not change each other's numbers, bit for bit; and every build
+    (register tiles differ) computes the same chains."""
     in_f = 512
     w = pack(random_blocks(qtype, 45, in_f), qtype, (45, in_f))
     x = torch.randn(64, in_f)
     together = kernel.block_mm(x, w)
     for t in range(64):
         assert torch.equal(kernel.block_mm(x[t: t + 1], w)[0], together[t])
-    for lo, hi in ((0, 3), (5, 22), (7, 64), (60, 64), (1, 14)):
+    for lo, hi in ((0, 3), (5, 22), (7, 64), (60, 64), (1, 14), *((0, n) for n in range(1, 21))):
         assert torch.equal(kernel.block_mm(x[lo:hi], w), together[lo:hi])
+    for isa in ISAS:
+        for n in (1, 5, 8, 12, 16, 64):
+            assert torch.equal(kernel.block_mm(x[:n], w, build(isa)), together[:n]), (isa, n)
 
 
 @needs_kernel

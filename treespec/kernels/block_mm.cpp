@@ -6,8 +6,8 @@
 // and tile shape, so a row's result never depends on the other rows of the call (lossless speculation).
 //
 // Speed: the weights stream once per call as int8 (+ one scale per 16/32). Few rows dequantize a tile of
-// weight rows in registers for every chunk of up to 4 rows (the tile's int8 stays in L1); more rows dequantize
-// the tile once into an fp32 buffer and read it from there.
+// weight rows in registers for every pass of up to 4 (AVX2) or 6 (AVX-512VL: 32 registers) rows (the tile's
+// codes stay in L1); more rows dequantize the tile once into an fp32 buffer and read it from there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,8 +18,22 @@
 
 namespace {
 
+// Register tiles (weight rows x activation rows): AVX2 has 16 vector registers, AVX-512VL 32 (the ymm kept: Zen 4
+// runs a zmm op as two ymm halves). Each output is still one 8-lane ymm chain, so both builds agree bit for bit.
+#ifdef TREESPEC_WIDE_TILES
+constexpr int kDirectTR = 6;   // x rows per pass over a tile: 4 x 6 accumulators
+constexpr int kMaxAcc = 24;
+constexpr int kBufferedTR = 6;                // x 4 weight rows: 24 accumulators
+#else
+constexpr int kDirectTR = 4;   // x rows per pass over a tile: 2 x 4 accumulators, twice
+constexpr int kMaxAcc = 12;
+constexpr int kBufferedTR = 3;                // x 4 weight rows: 12 accumulators
+#endif
+#ifndef DIRECT_MAX_ROWS
+#define DIRECT_MAX_ROWS 12
+#endif
+constexpr int kDirectMaxRows = DIRECT_MAX_ROWS;  // measured: re-dequantizing per few rows wins up to here
 constexpr int kTileRows = 4;        // weight rows per tile: the unit of work split between threads
-constexpr int kDirectMaxRows = 12;  // measured: re-dequantizing per 4 rows wins up to ~12-16 rows, the buffer after
 constexpr int64_t kAhead = 2;       // tiles of weight rows fetched ahead
 
 template <int G, bool HAS_MIN>
@@ -65,11 +79,20 @@ struct Blocks {
       for (int r = 0; r < NR; ++r) { s[r] = scale_of(n0 + r, g); m[r] = min_of(n0 + r, g); }
       prefetch_ahead(n0, NR, g);
       for (int64_t k = g * G; k < (g + 1) * G; k += kLanes) {
-        __m256 xv[TR];
-        for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * K + k);
-        for (int r = 0; r < NR; ++r) {
-          const __m256 wv = weights8(n0 + r, k, s[r], m[r]);
-          for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        if constexpr (TR <= NR) {  // few x rows: keep them in registers, one weight vector at a time
+          __m256 xv[TR];
+          for (int t = 0; t < TR; ++t) xv[t] = _mm256_loadu_ps(x + (t0 + t) * K + k);
+          for (int r = 0; r < NR; ++r) {
+            const __m256 wv = weights8(n0 + r, k, s[r], m[r]);
+            for (int t = 0; t < TR; ++t) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+          }
+        } else {  // many: keep the weight vectors, one x vector at a time (the same chains, other issue order)
+          __m256 wv[NR];
+          for (int r = 0; r < NR; ++r) wv[r] = weights8(n0 + r, k, s[r], m[r]);
+          for (int t = 0; t < TR; ++t) {
+            const __m256 xv = _mm256_loadu_ps(x + (t0 + t) * K + k);
+            for (int r = 0; r < NR; ++r) acc[r][t] = _mm256_fmadd_ps(wv[r], xv, acc[r][t]);
+          }
         }
       }
     }
@@ -77,17 +100,28 @@ struct Blocks {
       for (int t = 0; t < TR; ++t) y[(t0 + t) * N + n0 + r] = lane_sum(acc[r][t]);
   }
 
+  // x rows t0..t0+TR' (TR' <= TR) against the 4 weight rows: at once if the accumulators fit, else by halves
+  template <int TR>
+  void direct_pass(int64_t t0, int64_t n0, int64_t rows) const {
+    if constexpr (TR > 0) {
+      if (rows != TR) direct_pass<TR - 1>(t0, n0, rows);
+      else if constexpr (TR * kTileRows <= kMaxAcc) direct_tile<kTileRows, TR>(t0, n0);
+      else { direct_tile<kTileRows / 2, TR>(t0, n0); direct_tile<kTileRows / 2, TR>(t0, n0 + kTileRows / 2); }
+    }
+  }
+
+  // Every pass re-dequantizes the tile: as few passes as the registers allow, of balanced sizes (8 = 4 + 4).
   void direct_rows(int64_t n0, int64_t nr) const {
     if (nr < kTileRows) {
       for (int64_t n = n0; n < n0 + nr; ++n)
         for (int64_t t = 0; t < T; ++t) direct_tile<1, 1>(t, n);
       return;
     }
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4) { direct_tile<2, 4>(t, n0); direct_tile<2, 4>(t, n0 + 2); }
-    if (T - t == 3) direct_tile<4, 3>(t, n0);
-    if (T - t == 2) direct_tile<4, 2>(t, n0);
-    if (T - t == 1) direct_tile<4, 1>(t, n0);
+    const int64_t passes = (T + kDirectTR - 1) / kDirectTR;
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t t0 = T * p / passes;
+      direct_pass<kDirectTR>(t0, n0, T * (p + 1) / passes - t0);
+    }
   }
 
   // Weight rows n0..n0+nr -> buf [nr, K] fp32.
@@ -100,14 +134,22 @@ struct Blocks {
       }
   }
 
+  // rows t0 + t of x against weight rows n0 + r
+  auto store(int64_t t0, int64_t n0) const { return [this, t0, n0](int r, int t, float v) { y[(t0 + t) * N + n0 + r] = v; }; }
+
+  template <int NR, int TR>
+  void buffered_rest(const float* buf, int64_t t0, int64_t n0, int64_t rest) const {
+    if constexpr (TR > 0) {
+      if (rest == TR) buffered_tile<NR, TR>(buf, x, K, t0, store(t0, n0));
+      else buffered_rest<NR, TR - 1>(buf, t0, n0, rest);
+    }
+  }
+
   template <int NR>
   void buffered_rows_of(const float* buf, int64_t n0) const {
     int64_t t = 0;
-    // rows t0 + t of x against weight rows n0 + r
-    auto store = [&](int64_t t0) { return [this, t0, n0](int r, int t, float v) { y[(t0 + t) * N + n0 + r] = v; }; };
-    for (; t + 3 <= T; t += 3) buffered_tile<NR, 3>(buf, x, K, t, store(t));
-    if (T - t == 2) buffered_tile<NR, 2>(buf, x, K, t, store(t));
-    if (T - t == 1) buffered_tile<NR, 1>(buf, x, K, t, store(t));
+    for (; t + kBufferedTR <= T; t += kBufferedTR) buffered_tile<NR, kBufferedTR>(buf, x, K, t, store(t, n0));
+    buffered_rest<NR, kBufferedTR - 1>(buf, t, n0, T - t);
   }
 
   void buffered_rows(int64_t n0, int64_t nr, float* buf) const {

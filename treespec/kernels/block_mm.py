@@ -27,6 +27,7 @@ import hashlib
 import logging
 import platform
 import time
+from enum import Enum
 from pathlib import Path
 from types import ModuleType
 
@@ -43,27 +44,54 @@ STALE_LOCK_S = 600.0  # a kernel builds in about a minute; a lock file older tha
 log = logging.getLogger(__name__)
 
 
+class Isa(Enum):
+    """Which build of a kernel source: the same source and the same per-output chains, other register tiles."""
+    AVX2 = ()
+    AVX512 = ("-mavx512f", "-mavx512vl", "-DTREESPEC_WIDE_TILES")  # 32 ymm registers: wider tiles
+
+
+def host_isa() -> Isa | None:
+    """The widest build this CPU runs (torch's own dispatch check), None where not even AVX2 (or not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return {"AVX2": Isa.AVX2, "AVX512": Isa.AVX512}.get(torch.backends.cpu.get_cpu_capability())
+
+
+def runnable_isas() -> list[Isa]:
+    """Every build this CPU runs: an AVX-512 CPU runs the AVX2 build too."""
+    host = host_isa()
+    return [] if host is None else [isa for isa in Isa if isa in (Isa.AVX2, host)]
+
+
 @functools.cache
 def compiled() -> ModuleType | None:
-    """The built extension, or None (logged once) where it cannot be built or would not run here."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    """The built extension for this CPU, or None (logged once) where it cannot be built or would not run here."""
+    isa = host_isa()
+    if isa is None:
         log.warning("block kernel needs an x86 CPU with AVX2; quantized weights stay dequantized fp32")
         return None
-    return build(_SOURCE)
+    return build(_SOURCE, isa)
 
 
-def build(source: Path) -> ModuleType | None:
+@functools.cache
+def variant(isa: Isa) -> ModuleType | None:
+    """One build of the body kernel whatever this CPU would pick (tests and benchmarks compare them); the caller
+    checks that the CPU runs it."""
+    return compiled() if isa is host_isa() else build(_SOURCE, isa)
+
+
+def build(source: Path, isa: Isa = Isa.AVX2) -> ModuleType | None:
     """Compile (once per machine and torch version, cached by torch) and load one kernel source; None, logged,
-    where that fails. Callers check for AVX2 first (compiled())."""
+    where that fails. Callers check that the CPU runs `isa` first (compiled())."""
     # one build per source path (checkouts side by side never rebuild each other's), and per version of lanes.h
-    name = f"treespec_{source.stem}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
+    tag = "" if isa is Isa.AVX2 else f"_{isa.name.lower()}"
+    name = f"treespec_{source.stem}{tag}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
     log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
     try:
         from torch.utils import cpp_extension
         _drop_stale_lock(build_dir(name))
         header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
-        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, f"-DLANES_H={header}"],
+        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, *isa.value, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)
@@ -87,9 +115,10 @@ def _drop_stale_lock(build_dir: Path) -> None:
             lock.unlink()
 
 
-def block_mm(x: torch.Tensor, w: PackedBlocks) -> torch.Tensor:  # x: [T, in] fp32 -> [T, out] fp32
-    """x @ W^T with W = w dequantized; each row's result is independent of the other rows (bitwise)."""
-    ext = compiled()
+def block_mm(x: torch.Tensor, w: PackedBlocks, ext: ModuleType | None = None) -> torch.Tensor:  # x: [T, in] fp32
+    """x @ W^T -> [T, out] with W = w dequantized; each row's result is independent of the other rows (bitwise).
+    ext: a particular build (variant()), else this CPU's."""
+    ext = ext or compiled()
     if ext is None:
         return reference_mm(x, w)
     return ext.block_mm(x.contiguous(), w.q, w.scale, _NO_MIN if w.min is None else w.min, w.group)
