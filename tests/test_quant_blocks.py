@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import write_model
 from tiny_hf import decode, prefill
 from treespec.kernels import block_mm as kernel
-from treespec.kernels.block_layout import concat_rows, dequantize_packed, map_rows, pack
+from treespec.kernels.block_layout import PackedBlocks, codes, concat_rows, dequantize_packed, map_rows, pack, with_bits
 from treespec.models import build_model
 from treespec.models import quant_blocks
 from treespec.models.quant_blocks import BlockQuantLinear, use_blocks
@@ -149,6 +149,54 @@ def test_concat_and_row_maps_keep_the_weights() -> None:
     assert torch.equal(dequantize_packed(fused), expect)
     flipped = map_rows(fused, lambda t: t.flip(0))
     assert torch.equal(dequantize_packed(flipped), expect.flip(0))
+
+
+@pytest.mark.parametrize(("parts", "bits"), [
+    ([(Q.Q5_0, 4), (Q.Q5_0, 3), (Q.Q8_0, 2)], 8),  # Gemma 3's q/k/v where v is Q8_0
+    ([(Q.Q5_0, 4), (Q.Q4_K, 3)], 8),
+    ([(Q.Q4_K, 4), (Q.Q4_K, 3)], 4),               # nibbles stay nibbles
+])
+def test_concat_takes_the_widest_codes(parts: list[tuple[Q, int]], bits: int) -> None:
+    packed = [pack(random_blocks(t, n, 256, seed=i), t, (n, 256)) for i, (t, n) in enumerate(parts)]
+    fused = concat_rows(packed)
+    assert fused.bits == bits and fused.shape == (sum(n for _, n in parts), 256)
+    assert torch.equal(dequantize_packed(fused), torch.cat([dequantize_packed(p) for p in packed]))
+    if kernel.compiled() is not None:
+        x = torch.randn(5, 256)
+        assert torch.equal(kernel.block_mm(x, fused), torch.cat([kernel.block_mm(x, p) for p in packed], dim=1))
+
+
+def slice_columns(p: PackedBlocks, start: int, stop: int) -> PackedBlocks:
+    """Columns [start, stop) on 32-boundaries, as block_layout's docstring says to cut each storage."""
+    cols = lambda t, per: None if t is None else t[:, start // per: stop // per].contiguous()  # noqa: E731
+    return PackedBlocks(cols(p.q, 8 // p.bits), cols(p.scale, p.group), cols(p.min, p.group), p.group)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_packed_codes_round_trip_and_cut_on_unit_boundaries(qtype: Q) -> None:
+    """Every storage the codes fit holds the same weights; rows map and columns cut on 32-boundaries as documented,
+    and the kernel gives the same bits whatever the storage (the same weights, the same chains)."""
+    p = pack(random_blocks(qtype, 13, 256, seed=3), qtype, (13, 256))
+    w = dequantize_packed(p)
+    q = codes(p)
+    fits = [8, 4] if qtype is Q.Q4_K else [8]
+    x = torch.randn(6, 256)
+    for bits in fits:
+        stored = with_bits(p, bits)
+        assert stored.bits == bits and torch.equal(codes(stored), q) and torch.equal(dequantize_packed(stored), w)
+        order = torch.randperm(13)
+        assert torch.equal(dequantize_packed(map_rows(stored, lambda t: t[order])), w[order])
+        assert torch.equal(dequantize_packed(slice_columns(stored, 64, 192)), w[:, 64:192])
+        if kernel.compiled() is not None:
+            assert torch.equal(kernel.block_mm(x, stored), kernel.block_mm(x, p))
+    assert p.bits == (4 if qtype is Q.Q4_K else 8)  # the storage pack chooses
+    if 4 not in fits:  # codes outside 0..15, groups of 16 (Q6_K)
+        with pytest.raises(ValueError, match="do not fit"):
+            with_bits(p, 4)
+    else:  # a scale with more than 20 significant bits: scale * q might round, so the fused kernel step could differ
+        odd = PackedBlocks(q, p.scale.view(torch.int32).bitwise_or(1).view(torch.float32), p.min, p.group)
+        with pytest.raises(ValueError, match="do not fit"):
+            with_bits(odd, 4)
 
 
 def test_without_the_kernel_the_model_keeps_its_fp32_linears(monkeypatch: pytest.MonkeyPatch,
