@@ -30,15 +30,9 @@ constexpr int kDirectTR = 4;   // x rows per pass over a tile: 2 x 4 accumulator
 constexpr int kMaxAcc = 12;
 constexpr int kBufferedTR = 3;                // x 4 weight rows: 12 accumulators
 #endif
-#ifndef DIRECT_MAX_ROWS
-#define DIRECT_MAX_ROWS 12
-#endif
-constexpr int kDirectMaxRows = DIRECT_MAX_ROWS;  // measured: re-dequantizing per few rows wins up to here
+constexpr int kDirectMaxRows = 12;  // measured (both builds; 8, 12, 16, 18, 24 tried): direct up to here, buffer beyond
 constexpr int kTileRows = 4;        // weight rows per tile: the unit of work split between threads
-#ifndef AHEAD
-#define AHEAD 2
-#endif
-constexpr int64_t kAhead = AHEAD;   // tiles of weight rows fetched ahead
+constexpr int64_t kAhead = 2;       // tiles of weight rows fetched ahead (2, 4, 8 measured the same)
 
 // How the codes are stored (block_layout.py): one int8 each, or 4-bit codes 0..15 packed in 32-column units,
 // byte j of a unit holding code j (low nibble) and code j + 16 (high nibble).

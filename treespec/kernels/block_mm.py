@@ -15,6 +15,20 @@ Software prefetch made 1 and 4 rows 2.0x and 1.5x faster (18.5 and 22.0 ms befor
 the interleaved weight rows at ~5 GB/s. From 16 rows the product is compute-bound and oneDNN's pre-packed
 fp32 Linear is still ~20% faster.
 
+Two builds of the one source (Isa): AVX2, and where torch reports AVX512 an AVX-512VL build whose 32 ymm
+registers hold 4x6 register tiles (Zen 4 runs zmm as two ymm halves, so ymm with 32 registers is as fast). One
+thread, best of 15 interleaved, us, the default GGUF's layer-0 matrices, busy shared machine (load 4-7):
+
+    rows                      1        6          8          12         16
+    gate_up 4096x640 AVX2     144      486-489    591-603    893-910    1146-1275
+    gate_up   AVX-512VL       143      441-468    559-607    893        1094-1247
+    down 640x2048 AVX2        73       255-267    319-324    476-480    683-699
+    down      AVX-512VL       73       231-252    333-346    457        581-605
+
+Q4_K codes are nibbles (block_layout.py); measured on one thread they cost 43 -> 46 us (o_proj, 1 row) in
+unpacking while streaming 40% fewer bytes, so they pay where two threads share the memory bus; Q5_0 as nibbles
+plus a 5th-bit plane cost 145 -> 227 us (gate_up, 1 row) and stays int8.
+
 The kernel is built on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja) and cached
 by torch; where it cannot be built or run (no compiler, no AVX2) `compiled()` is None, `block_mm` computes
 through `reference_mm`, and models/quant_blocks.use_blocks keeps the dequantized fp32 Linears instead.
