@@ -4,6 +4,7 @@ pipeline parallelism (PP=2, 1 thread per rank) on a batch of requests with 1 and
 one process on the same batch. Greedy; prints decode tokens/s, ratios and whether outputs equal one process's.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/tp.py [--limit 1] [--max-tokens 64]
+        [--skip tp|pp] [--tp-weight-quantization auto|none]
 
 Two shared cores can only show the overhead: two ranks of one thread do the work one process does with two threads,
 plus two all-reduces per layer (TP) or a hand-off per micro-batch (PP).
@@ -47,9 +48,11 @@ def batch_rate(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
     return [r.output_ids for r in reqs], time.perf_counter() - t0
 
 
-def tensor_parallel(prompts: list[str], params: SamplingParams) -> None:
+def tensor_parallel(prompts: list[str], params: SamplingParams, tp_weights: str) -> None:
     one = LLM(MODEL, speculative_config=AUTO, num_threads=2)
-    tp = LLM(MODEL, speculative_config=AUTO, tensor_parallel_size=2, num_threads=1)
+    tp = LLM(MODEL, speculative_config=AUTO, tensor_parallel_size=2, num_threads=1, weight_quantization=tp_weights)
+    print(f"weights: one process {one.config.weight_quantization.value}, TP=2 {tp.config.weight_quantization.value} "
+          f"({'; '.join(tp.target.rank_weights)})")
     print(f"{'prompt':>6} {'mode':>6} {'1 proc tok/s':>12} {'TP=2 tok/s':>10} {'ratio':>6} {'tok/step':>8} equal")
     totals = {m: [0, 0.0, 0.0] for m in ("plain", "auto")}
     for i, p in enumerate(prompts):
@@ -93,11 +96,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1, help="Spec-Bench prompts per category")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip", choices=["tp", "pp"], default=None)
+    ap.add_argument("--tp-weight-quantization", default="auto",
+                    help="TP=2's weight mode (auto: the GGUF's blocks, as one process; 'none' for fp32 shards)")
     args = ap.parse_args()
     prompts = [p.text for p in load_prompts(None, args.limit)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     if args.skip != "tp":
-        tensor_parallel(prompts, params)
+        tensor_parallel(prompts, params, args.tp_weight_quantization)
     if args.skip != "pp":
         pipeline(prompts, params)
 

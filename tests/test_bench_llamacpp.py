@@ -86,3 +86,22 @@ def test_fake_llama_cpp_gets_the_same_prompts_and_threads_and_ratios_add_up(llm,
     assert f"| treespec plain | {ours.tokens} | {ours.tokens_per_s:.2f} |" in table
     assert table.splitlines()[2].endswith(f"| {ratio:.2f}x |") and "| llama.cpp |" in table
     assert "1/2 outputs equal" in table and "llama-cpp-python fake, " in table
+
+
+def test_every_engine_decodes_as_far_as_plain_up_to_its_end_of_text(llm, prompts, monkeypatch):
+    """No engine is timed past the end of plain's text (where a base model repeats itself and n-gram drafting
+    flatters speculation): each prompt runs to plain's end-of-text token, speculative methods and llama.cpp too."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    free = compare_ar(llm, prompts, MAX_TOKENS, {"plain": None}, with_hf=False).treespec[0].outputs
+    eos = free[0][2]
+    monkeypatch.setattr(llm.tokenizer, "eos_ids", {eos})
+    expected = [out.index(eos) + 1 if eos in out else MAX_TOKENS for out in free]
+    assert expected[0] <= 3 < MAX_TOKENS
+    monkeypatch.setattr(FakeLlama, "script", {tuple(p): out + [0] * MAX_TOKENS for p, out in zip(prompts, free)})
+    monkeypatch.setattr(FakeLlama, "made", [])
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama, __version__="fake"))
+    out = compare_ar(llm, prompts, MAX_TOKENS, {"plain": None, "ngram": {"method": "ngram"}}, with_hf=False)
+    for run in out.treespec + [out.llama_cpp]:
+        assert [len(o) for o in run.outputs] == expected, run.name
+    assert out.treespec[1].outputs == out.treespec[0].outputs == [o[:n] for o, n in zip(free, expected)]
+    assert "up to its end of text" in out.markdown()

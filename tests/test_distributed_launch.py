@@ -136,12 +136,12 @@ raise SystemExit(main(["generate", "hi", "--model", {str(model_dir)!r}, "-tp", "
     assert "pip install 'treespec[distributed]'" in proc.stderr
 
 
-def test_blocks_weights_run_split_into_stages_and_are_refused_split_into_shards(tmp_path):
+def test_blocks_weights_run_split_into_stages(tmp_path):
+    """(Split into tensor-parallel shards: tests/test_distributed_blocks.py.)"""
     from gguf import GGMLQuantizationType as Q
     from tiny_gguf import write_model
 
     from treespec import LLM
-    from treespec.errors import ConfigError
     from treespec.kernels.q8_head import compiled as head_kernel
     if head_kernel() is None:
         pytest.skip("block kernels cannot be built here")
@@ -155,5 +155,3 @@ def test_blocks_weights_run_split_into_stages_and_are_refused_split_into_shards(
         assert [o.token_ids for o in staged.generate(prompts, params)] == expected
     finally:
         staged.close()
-    with pytest.raises(ConfigError, match="'blocks' is not supported with tensor_parallel_size > 1"):
-        LLM(str(path), weight_quantization="blocks", tensor_parallel_size=2)

@@ -56,8 +56,7 @@ class LLM:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         path = resolve_model(model)
-        mode = config.weight_quantization.resolve(path.is_file() and config.tensor_parallel_size == 1
-                                                  and self.placement.kernels is Kernels.CPU)
+        mode = config.weight_quantization.resolve(path.is_file() and self.placement.kernels is Kernels.CPU)
         config = dataclasses.replace(config, weight_quantization=mode)
         blocks = config.weight_quantization is WeightQuantization.BLOCKS
         if blocks and not path.is_file():

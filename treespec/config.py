@@ -62,11 +62,10 @@ class WeightQuantization(Enum):
     FP16 = "fp16"  # fp16 weights, fp32 math (fbgemm); approximate
     INT8 = "int8"  # int8 weights; approximate
     BLOCKS = "blocks"  # a GGUF's quantized weights computed from their blocks, fp32 math; exact (the GGUF's model)
-    AUTO = "auto"  # BLOCKS for a GGUF (not split into tensor-parallel shards), else NONE: the fastest exact mode
+    AUTO = "auto"  # BLOCKS for a GGUF (tensor-parallel shards too), else NONE: the fastest exact mode
 
     def resolve(self, blocks_possible: bool) -> "WeightQuantization":
-        """AUTO -> BLOCKS where they can run (a GGUF, one shard: blocks are not split for tensor parallelism yet),
-        else NONE; other modes unchanged."""
+        """AUTO -> BLOCKS where they can run (a GGUF on the CPU kernels), else NONE; other modes unchanged."""
         if self is not WeightQuantization.AUTO:
             return self
         return WeightQuantization.BLOCKS if blocks_possible else WeightQuantization.NONE

@@ -57,8 +57,10 @@ def bytes_per_step(model: torch.nn.Module) -> int:
     return total + model.lm_head.bytes_per_step()
 
 
-def run_treespec(engine: LLMEngine, name: str, prompts: list[list[int]], max_tokens: int) -> ArResult:
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+def run_treespec(engine: LLMEngine, name: str, prompts: list[list[int]], max_tokens: int,
+                 stop_at_eos: bool = False) -> ArResult:
+    """Greedy generation of max_tokens per prompt (through end of text too, unless stop_at_eos)."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=not stop_at_eos)
     result = ArResult(name)
     for ids in prompts:
         req = engine.add_request(ids, params)

@@ -26,7 +26,9 @@ class ArComparison:
             ratio = f"{r.tokens_per_s / base:.2f}x" if base else "-"
             lines.append(f"| {r.name} | {r.tokens} | {r.tokens_per_s:.2f} | {1000 / max(r.tokens_per_s, 1e-9):.1f} "
                          f"| {ratio} |")
-        lines.append(f"\nllama.cpp: {self.llama_cpp_note}")
+        lines.append("\nevery engine decodes each prompt for as many tokens as treespec plain's output has, up to its end "
+                     "of text (at most --max-tokens)")
+        lines.append(f"llama.cpp: {self.llama_cpp_note}")
         lines += [f"greedy tokens, {name} vs llama.cpp: {a}" for name, a in self.agreement.items()]
         if self.hf is not None:
             plain = self.treespec[0]
@@ -38,7 +40,9 @@ def compare_ar(llm: LLM, prompts: list[list[int]], max_tokens: int, methods: dic
                with_hf: bool = True) -> ArComparison:
     """methods: name -> speculative config, 'plain' (None) first. llama.cpp runs each prompt right after treespec's
     engines on the same GGUF with the same thread count, after one untimed warm-up each; HF runs last (it is slow
-    and shares nothing)."""
+    and shares nothing). Each prompt's length is the plain output's, up to its end of text (at most max_tokens):
+    every engine then decodes exactly that many tokens, so none is timed on text past the end, where a base model
+    repeats itself and n-gram drafting would look better than it is."""
     engines = {name: llm.make_engine(spec) for name, spec in methods.items()}
     n_ctx = max(len(ids) for ids in prompts) + max_tokens + 8
     cpp, note = load_llama_cpp(llm.checkpoint_source, torch.get_num_threads(), n_ctx)
@@ -48,14 +52,19 @@ def compare_ar(llm: LLM, prompts: list[list[int]], max_tokens: int, methods: dic
         run_llama_cpp(cpp, prompts[:1], min(4, max_tokens))
     ours = {name: ArResult(f"treespec {name}") for name in engines}
     theirs = ArResult("llama.cpp") if cpp is not None else None
+    budgets = []
     for ids in prompts:
-        for name, engine in engines.items():
-            ours[name].add(run_treespec(engine, f"treespec {name}", [ids], max_tokens))
+        for i, (name, engine) in enumerate(engines.items()):
+            run = run_treespec(engine, f"treespec {name}", [ids], budgets[-1] if i else max_tokens, stop_at_eos=i == 0)
+            budgets += [] if i else [len(run.outputs[0])]
+            ours[name].add(run)
         if theirs is not None:
-            theirs.add(run_llama_cpp(cpp, [ids], max_tokens))
+            theirs.add(run_llama_cpp(cpp, [ids], budgets[-1]))
     out = ArComparison(list(ours.values()), theirs, note)
     if theirs is not None:
         out.agreement = {r.name: Agreement.of(r.outputs, theirs.outputs) for r in out.treespec}
     if with_hf:
-        out.hf = run_hf(build_hf_model(llm), prompts, max_tokens)
+        hf_model, out.hf = build_hf_model(llm), ArResult("hf-transformers")
+        for ids, n in zip(prompts, budgets):
+            out.hf.add(run_hf(hf_model, [ids], n))
     return out

@@ -1,9 +1,10 @@
 """llama.cpp side by side with treespec's plain decoding (optional: llama-cpp-python is not a dependency).
 
 Fair by construction: the same GGUF file, the same prompt token ids (treespec's tokenizer, BOS included; llama.cpp
-adds nothing), the same thread count for generation and prompt processing, greedy, every request run to
-`max_tokens` regardless of EOS (as treespec's runs are). Timing mirrors ar.run_treespec: the prompt's processing
-and the first token come out of one call that is not timed, then `max_tokens - 1` one-token decode steps
+adds nothing), the same thread count for generation and prompt processing, greedy, every request run to the
+token count it is given regardless of EOS (ar_compare gives every engine the length of treespec plain's output).
+Timing mirrors ar.run_treespec: the prompt's processing and the first token come out of one call that is not
+timed, then `max_tokens - 1` one-token decode steps
 (each an eval and llama.cpp's own greedy sampler) are. llama.cpp computes in its own mixed precision, so its
 greedy tokens may leave treespec's; the agreement is reported, not required.
 """

@@ -71,13 +71,15 @@ def join(rendezvous: Rendezvous, rank: int) -> dist.ProcessGroup:
                                f"{first_line(e)}") from None
 
 
-def check_loaded(error: str | None) -> None:
-    """Every rank says whether it built its shard; DistributedError (the same on every rank) if any failed."""
-    statuses: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(statuses, error)
-    failed = [f"rank {r}: {s}" for r, s in enumerate(statuses) if s is not None]
+def check_loaded(error: str | None, weights: str = "") -> list[str]:
+    """Every rank says whether it built its shard and how its weights run; DistributedError (the same on every
+    rank) if any failed, else every rank's `weights`, by rank."""
+    statuses: list[tuple[str | None, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(statuses, (error, weights))
+    failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(statuses) if e is not None]
     if failed:
         raise DistributedError("could not load the model shards: " + "; ".join(failed))
+    return [w for _, w in statuses]
 
 
 def leave() -> None:

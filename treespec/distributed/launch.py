@@ -7,6 +7,7 @@ line; the processes spawned here are ended with it.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import pickle
 import subprocess
@@ -17,13 +18,15 @@ import torch
 
 from treespec.config import EngineConfig, ExecutorBackend
 from treespec.distributed.group import Rendezvous, check_loaded, first_line, join, leave
-from treespec.distributed.plan import ParallelPlan
+from treespec.distributed.plan import ParallelPlan, describe_weights
 from treespec.distributed.source import ModelSource
 from treespec.distributed.target import ParallelTarget, Workers
 from treespec.distributed.worker import run_worker
 from treespec.errors import DistributedError
 from treespec.extras import Extra, require
 from treespec.models.base import CausalLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +81,7 @@ def start_parallel(source: ModelSource, config: EngineConfig, model: CausalLM,
     """Start the other ranks, join them, keep rank 0's shard of `model` (the full target, built here).
     plan: the split (default: the config's sizes; benchmarks vary its micro-batches)."""
     plan = plan or ParallelPlan.from_config(config)
-    plan.check(model.config, source.weight_quantization)
+    plan.check(model.config)
     backend = config.distributed_executor_backend
     if backend is ExecutorBackend.EXTERNAL_LAUNCHER:
         rendezvous, _ = Rendezvous.from_env()
@@ -96,17 +99,19 @@ def start_parallel(source: ModelSource, config: EngineConfig, model: CausalLM,
         dead = workers.dead()
         raise DistributedError(f"{e}" + (f" ({', '.join(dead)} exited)" if dead else "")) from None
     try:
-        error = None
+        error, weights = None, ""
         try:
             shard = plan.shard(model, 0, source)
+            weights = describe_weights(shard)
         except Exception as e:  # noqa: BLE001 - reported with the other ranks' load errors
             error = first_line(e)
-        check_loaded(error)
+        rank_weights = check_loaded(error, weights)
     except Exception as e:
         leave()
         workers.stop(0.0)
         raise DistributedError(first_line(e) if not isinstance(e, DistributedError) else str(e)) from None
-    target = ParallelTarget(shard, model, control, workers, plan.name)
+    log.info("%s ranks: %s", plan.name, "; ".join(f"rank {r}: {w}" for r, w in enumerate(rank_weights)))
+    target = ParallelTarget(shard, model, control, workers, plan.name, rank_weights)
     atexit.register(target.shutdown)
     return target
 

@@ -70,7 +70,7 @@ def use_gguf_blocks(target: torch.nn.Module, path: Path, config: dict[str, Any])
     from treespec.weights.gguf_file import read_gguf
     gguf = read_gguf(path)
     swapped = use_blocks(target, load_gguf_blocks(gguf, config))
-    head = use_head_blocks(target, load_head_blocks(gguf))
+    head = target.lm_head is not None and use_head_blocks(target, load_head_blocks(gguf))  # None: a TP worker
     log.info("weight_quantization blocks: %d projections %s; greedy head %s", swapped,
              "from their blocks" if swapped else "(none: fp32 Linears)",
              "from its Q8_0 blocks for few rows" if head else "as in fp32 mode")

@@ -17,6 +17,7 @@ import torch
 
 from treespec.attention.metadata import SeqAttention
 from treespec.kv.cache import KVCache
+from treespec.models.base import CausalLM
 
 
 class CacheOpKind(Enum):
@@ -126,6 +127,7 @@ def _mirrored(cache: KVCache) -> MirroredKVCache:
 class Shard(Protocol):
     """One rank's part of the target: tensor_parallel.TensorParallelShard or pipeline.PipelineStage."""
     cache_layout: tuple[int, int, int]  # this rank's KV cache: (layers, K/V heads, head_dim)
+    model: CausalLM                     # this rank's part of the target
 
     def run(self, inputs: StepInputs, seqs: list[SeqAttention]) -> torch.Tensor | None:
         """This rank's part of the forward; on rank 0 the final hidden states [T, D]."""

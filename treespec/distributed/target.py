@@ -33,9 +33,10 @@ class Workers(Protocol):
 
 class ParallelTarget(nn.Module):
     def __init__(self, shard: Shard, local: CausalLM, control: dist.ProcessGroup, workers: Workers,
-                 name: str) -> None:
+                 name: str, rank_weights: list[str]) -> None:
         super().__init__()
         self.local, self.shard, self.control, self.workers, self.name = local, shard, control, workers, name
+        self.rank_weights = rank_weights  # how each rank's projections run (plan.describe_weights), by rank
         self.config = local.config
         self.journal = CacheJournal()
         self.failure: str | None = None

@@ -4,10 +4,16 @@ q/k/v and gate/up are split by output rows (column-parallel: a rank computes its
 down by input columns (row-parallel: each rank's partial product, then one all-reduce each), so a layer costs two
 all-reduces of [T, D]. Attention heads stay whole: rank r takes q heads [r H/N, (r+1) H/N) and the K/V heads
 they read; when N exceeds the K/V heads, ranks sharing a K/V head each keep a copy (Gemma 3 270M has one).
-Embedding, norms and the LM head are replicated; only rank 0 runs the head (it verifies). A row-parallel bias is
-added by rank 0 only, so the sum counts it once.
+Embedding and norms are replicated; only rank 0 holds and runs the LM head (it verifies). A row-parallel bias is
+added by rank 0 only, so the sum counts it once. Projections computed from a GGUF's blocks (BlockQuantLinear) are
+split the same way: their rows as a Linear's, their input columns on group boundaries. A cut inside a 16/32-weight
+group (rare: a rank's heads x head_dim and MLP channels are multiples of 32 in common models) makes that one
+projection fp32 from its exactly dequantized weights, logged.
 """
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,8 +22,13 @@ from torch import nn
 from treespec.attention.metadata import SeqAttention
 from treespec.distributed.step import StepInputs
 from treespec.errors import ConfigError
+from treespec.kernels.block_layout import dequantize_packed, map_rows, slice_columns
 from treespec.models.base import CausalLM
-from treespec.models.layers import MLP, Attention, pack_linears, set_linear
+from treespec.models.layers import MLP, Attention, Linear, pack_linears, set_linear
+from treespec.models.quant_blocks import BlockQuantLinear
+
+log = logging.getLogger(__name__)
+Projection = Linear | BlockQuantLinear
 
 
 def check_tensor_parallel(config, size: int) -> None:
@@ -29,17 +40,16 @@ def check_tensor_parallel(config, size: int) -> None:
 
 
 def split_tensor_parallel(model: CausalLM, rank: int, size: int) -> None:
-    """Keep rank `rank`'s shard of every layer (weights sliced in place; the full ones are freed)."""
+    """Keep rank `rank`'s shard of every layer (weights or blocks sliced; the full ones are freed). The LM head is
+    left to the caller (plan.py: only rank 0 keeps it)."""
     check_tensor_parallel(model.config, size)
-    for block in model.layers:
-        _split_attention(block.self_attn, rank, size)
-        _split_mlp(block.mlp, rank, size)
-    if rank:
-        model.lm_head = None  # rank 0 verifies
+    for i, block in enumerate(model.layers):
+        _split_attention(block.self_attn, rank, size, f"layer {i}")
+        _split_mlp(block.mlp, rank, size, f"layer {i}")
     pack_linears(model)
 
 
-def _split_attention(attn: Attention, rank: int, size: int) -> None:
+def _split_attention(attn: Attention, rank: int, size: int, where: str) -> None:
     h, kv, hd = attn.heads, attn.kv_heads, attn.head_dim
     q_heads = range(rank * h // size, (rank + 1) * h // size)
     first_kv = rank * kv // size
@@ -48,9 +58,8 @@ def _split_attention(attn: Attention, rank: int, size: int) -> None:
     k_rows = slice((h + kv_heads.start) * hd, (h + kv_heads.stop) * hd)
     v_rows = slice((h + kv + kv_heads.start) * hd, (h + kv + kv_heads.stop) * hd)
     rows = lambda t: torch.cat([t[q_rows], t[k_rows], t[v_rows]]).clone()  # noqa: E731
-    qkv, o = attn.qkv_proj, attn.o_proj
-    set_linear(qkv, rows(qkv.weight.detach()), None if qkv.bias is None else rows(qkv.bias.detach()))
-    set_linear(o, o.weight.detach()[:, q_rows].clone(), _row_parallel_bias(o.bias, rank))
+    attn.qkv_proj = _rows(attn.qkv_proj, rows)
+    attn.o_proj = _columns(attn.o_proj, q_rows, rank, f"{where} o_proj")
     if attn.qk_norm is not None:
         w = attn.qk_norm.weight.detach()
         local = torch.cat([w[q_heads.start:q_heads.stop], w[h + kv_heads.start:h + kv_heads.stop]]).clone()
@@ -59,13 +68,41 @@ def _split_attention(attn: Attention, rank: int, size: int) -> None:
     attn.heads, attn.kv_heads = len(q_heads), len(kv_heads)
 
 
-def _split_mlp(mlp: MLP, rank: int, size: int) -> None:
+def _split_mlp(mlp: MLP, rank: int, size: int, where: str) -> None:
     inter = mlp.down_proj.in_features
     cols = slice(rank * inter // size, (rank + 1) * inter // size)
     rows = lambda t: torch.cat([t[:inter][cols], t[inter:][cols]]).clone()  # noqa: E731  gate rows, up rows
-    gu, down = mlp.gate_up_proj, mlp.down_proj
-    set_linear(gu, rows(gu.weight.detach()), None if gu.bias is None else rows(gu.bias.detach()))
-    set_linear(down, down.weight.detach()[:, cols].clone(), _row_parallel_bias(down.bias, rank))
+    mlp.gate_up_proj = _rows(mlp.gate_up_proj, rows)
+    mlp.down_proj = _columns(mlp.down_proj, cols, rank, f"{where} down_proj")
+
+
+def _rows(linear: Projection, rows: Callable[[torch.Tensor], torch.Tensor]) -> Projection:
+    """Column-parallel: this rank's output rows (of a weight, or of codes, scales and mins alike)."""
+    bias = None if linear.bias is None else rows(linear.bias.detach())
+    if isinstance(linear, BlockQuantLinear):
+        return BlockQuantLinear(map_rows(linear.blocks, rows), bias)
+    set_linear(linear, rows(linear.weight.detach()), bias)
+    return linear
+
+
+def _columns(linear: Projection, cols: slice, rank: int, name: str) -> Projection:
+    """Row-parallel: this rank's input columns (blocks: cut on group boundaries, else fp32 for this one)."""
+    bias = _row_parallel_bias(linear.bias, rank)
+    if isinstance(linear, BlockQuantLinear):
+        try:
+            return BlockQuantLinear(slice_columns(linear.blocks, cols.start, cols.stop), bias)
+        except ValueError as e:
+            log.warning("tensor parallel: %s runs fp32 (its dequantized blocks): %s", name, e)
+            linear = _dequantized(linear)
+    set_linear(linear, linear.weight.detach()[:, cols].clone(), bias)
+    return linear
+
+
+def _dequantized(blocks: BlockQuantLinear) -> Linear:
+    """The same weight as an fp32 Linear, bit for bit (dequantize_packed rounds as the kernel's weights)."""
+    linear = Linear(blocks.in_features, blocks.out_features, bias=False, device="meta")
+    set_linear(linear, dequantize_packed(blocks.blocks), None)
+    return linear
 
 
 def _row_parallel_bias(bias: torch.Tensor | None, rank: int) -> torch.Tensor | None:

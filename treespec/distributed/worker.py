@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from treespec.distributed.group import Rendezvous, check_loaded, first_line, join, leave
-from treespec.distributed.plan import ParallelPlan
+from treespec.distributed.plan import ParallelPlan, describe_weights
 from treespec.distributed.source import ModelSource
 from treespec.distributed.step import Shard, StepInputs, replay
 from treespec.kv.cache import KVCache
@@ -22,12 +22,13 @@ _PARENT_POLL_S = 1.0
 def run_worker(rank: int, rendezvous: Rendezvous, source: ModelSource, plan: ParallelPlan) -> None:
     control = join(rendezvous, rank)
     try:
-        shard, error = None, None
+        shard, error, weights = None, None, ""
         try:
             shard = plan.shard(source.build(), rank, source)
+            weights = describe_weights(shard)
         except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it as one line
             error = first_line(e)
-        check_loaded(error)
+        check_loaded(error, weights)
         serve_steps(shard, control)
     finally:
         leave()

@@ -102,6 +102,18 @@ def map_rows(p: PackedBlocks, fn: Callable[[torch.Tensor], torch.Tensor]) -> Pac
                         None if p.min is None else fn(p.min).contiguous(), p.group)
 
 
+def slice_columns(p: PackedBlocks, start: int, stop: int) -> PackedBlocks:
+    """Input columns [start, stop) of every row (a row-parallel shard); ValueError unless both are group boundaries
+    (a group's codes share one scale and min, so a cut through a group cannot be represented)."""
+    width = p.shape[1]
+    if start % p.group or stop % p.group or not 0 <= start < stop <= width:
+        raise ValueError(f"columns [{start}, {stop}) of a {width}-wide weight do not fall on its "
+                         f"{p.group}-weight group boundaries")
+    g0, g1 = start // p.group, stop // p.group
+    return PackedBlocks(p.q[:, start:stop].contiguous(), p.scale[:, g0:g1].contiguous(),
+                        None if p.min is None else p.min[:, g0:g1].contiguous(), p.group)
+
+
 def concat_rows(parts: list[PackedBlocks]) -> PackedBlocks:
     """Stack weights with the same input width into one (a fused q/k/v or gate/up projection).
 

@@ -37,11 +37,28 @@ void rms_rows(const float* x, int64_t x_stride, const float* w, float* y, int64_
     }
 }
 
-float dot(const float* a, const float* b, int64_t D) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t k = 0; k < D; k += kLanes) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-  return lane_sum(acc);
+// e^x for 8 lanes with x <= 0 (softmax weights), within ~2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2
+// (ln2 split in two so n ln2 is exact), e^r by a degree-6 polynomial, 2^n through the exponent bits.
+// Below -87.3 (where e^x leaves the normal floats) the result is 0.
+__m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
+
+constexpr int kKeys = 8;  // keys scored together
 
 struct Attn {
   const float* q; int64_t qs0, qs1;        // [H, n, hd]: head and row strides
@@ -52,38 +69,89 @@ struct Attn {
   int64_t H, KV, n, L, hd;
   float scale;
 
+  // out[u] = q_row . key u for KU consecutive keys: KU independent FMA chains in flight (one chain waits on its FMA
+  // latency), each an 8-lane chain over d in order and the fixed lane sum, so a score never depends on KU
+  template <int KU>
+  void dots(const float* qr, const float* key0, float* out) const {
+    __m256 acc[KU];
+    for (int u = 0; u < KU; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += kLanes) {
+      const __m256 qv = _mm256_loadu_ps(qr + d);
+      for (int u = 0; u < KU; ++u) acc[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key0 + u * ks1 + d), acc[u]);
+    }
+    for (int u = 0; u < KU; ++u) out[u] = lane_sum(acc[u]);
+  }
+
   // query row i of the G heads sharing K/V head kvh
-  void row(int64_t kvh, int64_t i, float* s, float* acc) const {
+  void row(int64_t kvh, int64_t i, float* s) const {
     const int64_t G = H / KV;
     const float* kh = k + kvh * ks0;
     const float* vh = v + kvh * vs0;
     const float lowest = -std::numeric_limits<float>::infinity();
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qr = q + (kvh * G + g) * qs0 + i * qs1;
+      int64_t j = 0;
+      for (; j + kKeys <= L; j += kKeys) dots<kKeys>(qr, kh + j * ks1, s + g * L + j);
+      for (; j < L; ++j) dots<1>(qr, kh + j * ks1, s + g * L + j);
+    }
     for (int64_t j = 0; j < L; ++j) {
       const bool on = mask == nullptr || mask[i * ms0 + j];
-      for (int64_t g = 0; g < G; ++g)
-        s[g * L + j] = on ? dot(q + (kvh * G + g) * qs0 + i * qs1, kh + j * ks1, hd) * scale : lowest;
+      for (int64_t g = 0; g < G; ++g) s[g * L + j] = on ? s[g * L + j] * scale : lowest;
     }
     for (int64_t g = 0; g < G; ++g) {
       float* sg = s + g * L;
       float top = lowest;
       for (int64_t j = 0; j < L; ++j) top = std::max(top, sg[j]);
-      float* a = acc + g * hd;
-      for (int64_t d = 0; d < hd; ++d) a[d] = 0.0f;
-      float sum = 0.0f;
-      if (top != lowest) {
-        for (int64_t j = 0; j < L; ++j) {
-          if (sg[j] == lowest) continue;
-          const float p = std::exp(sg[j] - top);
-          sum += p;
-          const __m256 pv = _mm256_set1_ps(p);
-          const float* vj = vh + j * vs1;
-          for (int64_t d = 0; d < hd; d += kLanes)
-            _mm256_storeu_ps(a + d, _mm256_fmadd_ps(pv, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(a + d)));
-        }
-      }
       float* o = out + ((kvh * G + g) * n + i) * hd;
-      for (int64_t d = 0; d < hd; ++d) o[d] = sum > 0.0f ? a[d] / sum : 0.0f;
+      if (top == lowest) {  // every key masked
+        for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
+        continue;
+      }
+      const float sum = softmax_weights(sg, top);
+      weighted_values(sg, vh, o, sum);
     }
+  }
+
+  // sg[j] <- exp(sg[j] - top) (0 for masked keys), 8 at a time; returns their sum, taken in key order
+  float softmax_weights(float* sg, float top) const {
+    const __m256 topv = _mm256_set1_ps(top), low = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t j = 0;
+    for (; j + kLanes <= L; j += kLanes) {
+      const __m256 x = _mm256_loadu_ps(sg + j);
+      const __m256 e = exp8(_mm256_sub_ps(x, topv));
+      _mm256_storeu_ps(sg + j, _mm256_andnot_ps(_mm256_cmp_ps(x, low, _CMP_EQ_OQ), e));
+    }
+    if (j < L) {  // the tail through the same vector code, so every key's weight rounds alike
+      alignas(32) float tail[kLanes];
+      for (int t = 0; t < kLanes; ++t) tail[t] = j + t < L ? sg[j + t] : top;
+      const __m256 x = _mm256_load_ps(tail);
+      _mm256_store_ps(tail, _mm256_andnot_ps(_mm256_cmp_ps(x, low, _CMP_EQ_OQ), exp8(_mm256_sub_ps(x, topv))));
+      for (int64_t t = 0; j + t < L; ++t) sg[j + t] = tail[t];
+    }
+    float sum = 0.0f;
+    for (int64_t t = 0; t < L; ++t) sum += sg[t];
+    return sum;
+  }
+
+  // o = sum_j p[j] v[j] / sum, keys in ascending order per element; 64 columns at a time stay in registers
+  void weighted_values(const float* p, const float* vh, float* o, float sum) const {
+    int64_t d0 = 0;
+    for (; d0 + 8 * kLanes <= hd; d0 += 8 * kLanes) value_columns<8>(p, vh + d0, o + d0, sum);
+    for (; d0 < hd; d0 += kLanes) value_columns<1>(p, vh + d0, o + d0, sum);
+  }
+
+  // C * 8 columns of o (C a constant, so the accumulators live in registers)
+  template <int C>
+  void value_columns(const float* p, const float* v0, float* o, float sum) const {
+    __m256 a[C];
+    for (int c = 0; c < C; ++c) a[c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < L; ++j) {
+      if (p[j] == 0.0f) continue;  // masked, or a weight that underflowed: adds nothing
+      const __m256 pv = _mm256_set1_ps(p[j]);
+      for (int c = 0; c < C; ++c) a[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v0 + j * vs1 + c * kLanes), a[c]);
+    }
+    const __m256 sv = _mm256_set1_ps(sum);
+    for (int c = 0; c < C; ++c) _mm256_storeu_ps(o + c * kLanes, _mm256_div_ps(a[c], sv));
   }
 };
 
@@ -133,8 +201,8 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   // one item = one query row of one K/V head; small calls run on the calling thread
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * L * hd));
   at::parallel_for(0, KV * n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * L), acc(G * hd);
-    for (int64_t item = begin; item < end; ++item) a.row(item / n, item % n, s.data(), acc.data());
+    std::vector<float> s(G * L);
+    for (int64_t item = begin; item < end; ++item) a.row(item / n, item % n, s.data());
   });
   return out;
 }
