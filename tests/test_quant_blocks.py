@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import write_model
 from tiny_hf import decode, prefill
 from treespec.kernels import block_mm as kernel
-from treespec.kernels.block_layout import PackedBlocks, codes, concat_rows, dequantize_packed, map_rows, pack, with_bits
+from treespec.kernels.block_layout import (PackedBlocks, codes, concat_rows, dequantize_packed, map_rows, pack,
+                                           slice_columns, with_bits)
 from treespec.models import build_model
 from treespec.models import quant_blocks
 from treespec.models.quant_blocks import BlockQuantLinear, use_blocks
@@ -164,12 +165,6 @@ def test_concat_takes_the_widest_codes(parts: list[tuple[Q, int]], bits: int) ->
     if kernel.compiled() is not None:
         x = torch.randn(5, 256)
         assert torch.equal(kernel.block_mm(x, fused), torch.cat([kernel.block_mm(x, p) for p in packed], dim=1))
-
-
-def slice_columns(p: PackedBlocks, start: int, stop: int) -> PackedBlocks:
-    """Columns [start, stop) on 32-boundaries, as block_layout's docstring says to cut each storage."""
-    cols = lambda t, per: None if t is None else t[:, start // per: stop // per].contiguous()  # noqa: E731
-    return PackedBlocks(cols(p.q, 8 // p.bits), cols(p.scale, p.group), cols(p.min, p.group), p.group)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)

@@ -14,8 +14,8 @@ operation, reproduces the reference's weights bit for bit (`dequantize_packed` i
     Q6_K   16    -32..31     int8              no     1.25   (0.8203)
 
 Nibbles (`bits` 4) come in units of 32 columns, never spanning one: q [out, in // 2] uint8, byte j of a unit =
-code j | code j + 16 << 4. So columns [a, b) on 32-boundaries are q[:, a // 2: b // 2] (int8 codes: q[:, a: b]),
-and scales and mins [:, a // group: b // group]. Q5_0 stays int8: as nibbles plus a plane of 5th bits (0.75
+code j | code j + 16 << 4. So columns [a, b) on group (= unit) boundaries are q[:, a // 2: b // 2] (int8 codes:
+q[:, a: b]), and scales and mins [:, a // group: b // group] (slice_columns). Q5_0 stays int8: as nibbles plus a plane of 5th bits (0.75
 bytes/weight) its unpacking made a one-row body product slower, not faster (kernels/block_mm.py).
 """
 from __future__ import annotations
@@ -110,7 +110,8 @@ def slice_columns(p: PackedBlocks, start: int, stop: int) -> PackedBlocks:
         raise ValueError(f"columns [{start}, {stop}) of a {width}-wide weight do not fall on its "
                          f"{p.group}-weight group boundaries")
     g0, g1 = start // p.group, stop // p.group
-    return PackedBlocks(p.q[:, start:stop].contiguous(), p.scale[:, g0:g1].contiguous(),
+    per_byte = 8 // p.bits  # codes per byte: nibbles come in 32-column units, and their groups are 32 wide
+    return PackedBlocks(p.q[:, start // per_byte: stop // per_byte].contiguous(), p.scale[:, g0:g1].contiguous(),
                         None if p.min is None else p.min[:, g0:g1].contiguous(), p.group)
 
 
