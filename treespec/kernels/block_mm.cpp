@@ -134,12 +134,13 @@ struct Blocks {
       for (int t = 0; t < TR; ++t) y[(t0 + t) * N + n0 + r] = lane_sum(acc[r][t]);
   }
 
-  // x rows t0..t0+TR' (TR' <= TR) against the 4 weight rows: at once if the accumulators fit, else by halves
+  // x rows t0..t0+TR' (TR' <= TR) against the 4 weight rows: at once if the accumulators fit, else (and for 4 x
+  // rows: 2x4 twice measured 3% faster than 4x4) by halves
   template <int TR>
   void direct_pass(int64_t t0, int64_t n0, int64_t rows) const {
     if constexpr (TR > 0) {
       if (rows != TR) direct_pass<TR - 1>(t0, n0, rows);
-      else if constexpr (TR * kTileRows <= kMaxAcc) direct_tile<kTileRows, TR>(t0, n0);
+      else if constexpr (TR * kTileRows <= kMaxAcc && TR != 4) direct_tile<kTileRows, TR>(t0, n0);
       else { direct_tile<kTileRows / 2, TR>(t0, n0); direct_tile<kTileRows / 2, TR>(t0, n0 + kTileRows / 2); }
     }
   }
