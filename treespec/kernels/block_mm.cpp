@@ -5,7 +5,7 @@
 // chain over k in order, summed across lanes in a fixed order. That chain is the same whatever the row count
 // and tile shape, so a row's result never depends on the other rows of the call (lossless speculation).
 //
-// Speed: the weights stream once per call as int8 (+ one scale per 16/32). Few rows dequantize a tile of
+// Speed: the weights stream once per call as int8 or nibble codes (+ one scale per 16/32). Few rows dequantize a tile of
 // weight rows in registers for every pass of up to 4 (AVX2) or 6 (AVX-512VL: 32 registers) rows (the tile's
 // codes stay in L1); more rows dequantize the tile once into an fp32 buffer and read it from there.
 #include <torch/extension.h>
