@@ -189,9 +189,11 @@ def test_packed_codes_round_trip_and_cut_on_unit_boundaries(qtype: Q) -> None:
         with pytest.raises(ValueError, match="do not fit"):
             with_bits(p, 4)
     else:  # a scale with more than 20 significant bits: scale * q might round, so the fused kernel step could differ
-        odd = PackedBlocks(q, p.scale.view(torch.int32).bitwise_or(1).view(torch.float32), p.min, p.group)
-        with pytest.raises(ValueError, match="do not fit"):
-            with_bits(odd, 4)
+        long_scale = p.scale.view(torch.int32).bitwise_or(1).view(torch.float32)
+        subnormal = p.scale.clone().index_fill_(0, torch.tensor([0]), 2.0 ** -130)  # 20 bits, but s * q may round
+        for scale in (long_scale, subnormal):
+            with pytest.raises(ValueError, match="do not fit"):
+                with_bits(PackedBlocks(q, scale, p.min, p.group), 4)
 
 
 def test_without_the_kernel_the_model_keeps_its_fp32_linears(monkeypatch: pytest.MonkeyPatch,

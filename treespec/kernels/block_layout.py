@@ -81,15 +81,15 @@ def codes(p: PackedBlocks) -> torch.Tensor:  # -> [out, in] int8
 
 def with_bits(p: PackedBlocks, bits: int) -> PackedBlocks:
     """The same weights with codes stored as `bits`: 8 (int8) or 4 (nibbles), which needs codes 0..15, groups of
-    32 and scales of at most 20 significant bits (Q4_K's have 17), so that scale * q is exact in fp32 and the
-    kernel may fuse `scale * q - min` into one multiply-subtract with the same rounding."""
+    32 and normal (or zero) scales of at most 20 significant bits (Q4_K's have 17), so that scale * q is exact in
+    fp32 and the kernel may fuse `scale * q - min` into one multiply-subtract with the same rounding."""
     if bits == p.bits:
         return p
     q = codes(p)
     if bits == 8:
         return PackedBlocks(q, p.scale, p.min, p.group)
-    if bits != 4 or p.group != UNIT or int(q.min()) < 0 or int(q.max()) > 15 or \
-            bool((p.scale.view(torch.int32) & 0xF).any()):
+    short = ~(p.scale.view(torch.int32) & 0xF).bool() & ((p.scale == 0) | (p.scale.abs() >= torch.finfo().tiny))
+    if bits != 4 or p.group != UNIT or int(q.min()) < 0 or int(q.max()) > 15 or not bool(short.all()):
         raise ValueError(f"codes do not fit {bits} bits (nibbles: codes 0..15, groups of {UNIT}, short scales)")
     units = q.view(torch.uint8).view(q.shape[0], -1, 2, UNIT // 2)
     return PackedBlocks((units[:, :, 0] | units[:, :, 1] << 4).reshape(q.shape[0], -1).contiguous(),

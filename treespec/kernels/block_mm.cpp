@@ -1,7 +1,8 @@
 // y[t, n] = sum_k x[t, k] * w[n, k] with w[n, k] = scale[n, k / G] * q[n, k] - min[n, k / G], fp32 throughout.
 //
 // Exactness: w is rounded like the gguf reference (one product, one subtraction; built with
-// -ffp-contract=off so the compiler fuses neither), and every (t, n) output is one 8-lane fused-multiply-add
+// -ffp-contract=off so the compiler fuses neither; nibble codes fuse them on purpose where the product is exact,
+// see weights8), and every (t, n) output is one 8-lane fused-multiply-add
 // chain over k in order, summed across lanes in a fixed order. That chain is the same whatever the row count
 // and tile shape, so a row's result never depends on the other rows of the call (lossless speculation).
 //
