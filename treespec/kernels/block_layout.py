@@ -15,8 +15,9 @@ operation, reproduces the reference's weights bit for bit (`dequantize_packed` i
 
 Nibbles (`bits` 4) come in units of 32 columns, never spanning one: q [out, in // 2] uint8, byte j of a unit =
 code j | code j + 16 << 4. So columns [a, b) on group (= unit) boundaries are q[:, a // 2: b // 2] (int8 codes:
-q[:, a: b]), and scales and mins [:, a // group: b // group] (slice_columns). Q5_0 stays int8: as nibbles plus a plane of 5th bits (0.75
-bytes/weight) its unpacking made a one-row body product slower, not faster (kernels/block_mm.py).
+q[:, a: b]), and scales and mins [:, a // group: b // group] (slice_columns). Q5_0 stays int8: as nibbles plus
+a plane of 5th bits (0.75 bytes/weight) its unpacking made a one-row body product slower, not faster
+(kernels/block_mm.py).
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@
 // chain over k in order, summed across lanes in a fixed order. That chain is the same whatever the row count
 // and tile shape, so a row's result never depends on the other rows of the call (lossless speculation).
 //
-// Speed: the weights stream once per call as int8 or nibble codes (+ one scale per 16/32). Few rows dequantize a tile of
-// weight rows in registers for every pass of up to 4 (AVX2) or 6 (AVX-512VL: 32 registers) rows (the tile's
+// Speed: the weights stream once per call as int8 or nibble codes (+ one scale per 16/32). Few rows dequantize a
+// tile of weight rows in registers for every pass of up to 4 (AVX2) or 6 (AVX-512VL: 32 registers) rows (the tile's
 // codes stay in L1); more rows dequantize the tile once into an fp32 buffer and read it from there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -178,7 +178,9 @@ struct Blocks {
   }
 
   // rows t0 + t of x against weight rows n0 + r
-  auto store(int64_t t0, int64_t n0) const { return [this, t0, n0](int r, int t, float v) { y[(t0 + t) * N + n0 + r] = v; }; }
+  auto store(int64_t t0, int64_t n0) const {
+    return [this, t0, n0](int r, int t, float v) { y[(t0 + t) * N + n0 + r] = v; };
+  }
 
   template <int NR, int TR>
   void buffered_rest(const float* buf, int64_t t0, int64_t n0, int64_t rest) const {

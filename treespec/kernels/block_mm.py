@@ -108,7 +108,8 @@ def build(source: Path, isa: Isa = Isa.AVX2) -> ModuleType | None:
         from torch.utils import cpp_extension
         _drop_stale_lock(build_dir(name))
         header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
-        return cpp_extension.load(name=name, sources=[str(source)], extra_cflags=[*_CFLAGS, *isa.value, f"-DLANES_H={header}"],
+        return cpp_extension.load(name=name, sources=[str(source)],
+                                  extra_cflags=[*_CFLAGS, *isa.value, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)
