@@ -15,7 +15,8 @@ from gguf import GGMLQuantizationType as Q
 from tiny_gguf import write_model
 from tiny_hf import decode, prefill
 from treespec.kernels import block_mm as kernel
-from treespec.kernels.block_layout import concat_rows, dequantize_packed, map_rows, pack
+from treespec.kernels.block_layout import (PackedBlocks, codes, concat_rows, dequantize_packed, map_rows, pack,
+                                           slice_columns, with_bits)
 from treespec.models import build_model
 from treespec.models import quant_blocks
 from treespec.models.quant_blocks import BlockQuantLinear, use_blocks
@@ -25,8 +26,10 @@ from treespec.weights.loader import load_checkpoint
 
 TYPES = (Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q6_K)
 FP16_FIELDS = {Q.Q8_0: (0,), Q.Q5_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}  # byte offsets of d (and dmin)
-ROWS = (1, 2, 3, 4, 5, 13, 17, 64)
+ROWS = (*range(1, 21), 64)  # every pass split of the register tiles, direct and buffered
 needs_kernel = pytest.mark.skipif(kernel.compiled() is None, reason="block kernel cannot be built here")
+# every build this CPU runs (an AVX-512 machine also runs, and so tests, the AVX2 build CI machines may pick)
+ISAS = kernel.runnable_isas()
 
 
 def random_blocks(qtype: Q, out_f: int, in_f: int, seed: int = 0) -> np.ndarray:
@@ -57,17 +60,26 @@ def test_packing_reproduces_gguf_dequantize_bitwise(qtype: Q) -> None:
     assert np.array_equal(ref.view(np.int32), got.view(np.int32))
 
 
+def build(isa: kernel.Isa):
+    ext = kernel.variant(isa)
+    if ext is None:
+        pytest.skip(f"{isa.name} build unavailable here")
+    return ext
+
+
 @needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: i.name)
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("out_f", (1, 13, 37, 64))
-def test_kernel_matches_reference(qtype: Q, out_f: int) -> None:
+def test_kernel_matches_reference(qtype: Q, out_f: int, isa: kernel.Isa) -> None:
     in_f = 512 if qtype in (Q.Q4_K, Q.Q6_K) else 96  # K-quants are 256-wide; 96 = three 32-blocks
     raw = random_blocks(qtype, out_f, in_f, seed=out_f)
     w = pack(raw, qtype, (out_f, in_f))
     torch.manual_seed(out_f)
+    ext = build(isa)
     for rows in ROWS:
         x = torch.randn(rows, in_f)
-        y = kernel.block_mm(x, w)
+        y = kernel.block_mm(x, w, ext)
         exact, bound = reference(raw, qtype, (out_f, in_f), x)
         assert y.shape == (rows, out_f) and y.dtype == torch.float32
         assert ((y.double() - exact).abs() <= bound).all(), f"rows={rows}"
@@ -75,16 +87,20 @@ def test_kernel_matches_reference(qtype: Q, out_f: int) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_a_rows_result_does_not_depend_on_the_other_rows(qtype: Q) -> None:
-    """Lossless speculation: a tree's rows must not change each other's numbers, bit for bit."""
+def test_a_rows_result_does_not_depend_on_the_other_rows_or_the_build(qtype: Q) -> None:
+    """Lossless speculation: a tree's rows must not change each other's numbers, bit for bit; and every build
+    (register tiles differ) computes the same chains."""
     in_f = 512
     w = pack(random_blocks(qtype, 45, in_f), qtype, (45, in_f))
     x = torch.randn(64, in_f)
     together = kernel.block_mm(x, w)
     for t in range(64):
         assert torch.equal(kernel.block_mm(x[t: t + 1], w)[0], together[t])
-    for lo, hi in ((0, 3), (5, 22), (7, 64), (60, 64), (1, 14)):
+    for lo, hi in ((0, 3), (5, 22), (7, 64), (60, 64), (1, 14), *((0, n) for n in range(1, 21))):
         assert torch.equal(kernel.block_mm(x[lo:hi], w), together[lo:hi])
+    for isa in ISAS:
+        for n in (1, 5, 8, 12, 16, 64):
+            assert torch.equal(kernel.block_mm(x[:n], w, build(isa)), together[:n]), (isa, n)
 
 
 @needs_kernel
@@ -134,6 +150,50 @@ def test_concat_and_row_maps_keep_the_weights() -> None:
     assert torch.equal(dequantize_packed(fused), expect)
     flipped = map_rows(fused, lambda t: t.flip(0))
     assert torch.equal(dequantize_packed(flipped), expect.flip(0))
+
+
+@pytest.mark.parametrize(("parts", "bits"), [
+    ([(Q.Q5_0, 4), (Q.Q5_0, 3), (Q.Q8_0, 2)], 8),  # Gemma 3's q/k/v where v is Q8_0
+    ([(Q.Q5_0, 4), (Q.Q4_K, 3)], 8),
+    ([(Q.Q4_K, 4), (Q.Q4_K, 3)], 4),               # nibbles stay nibbles
+])
+def test_concat_takes_the_widest_codes(parts: list[tuple[Q, int]], bits: int) -> None:
+    packed = [pack(random_blocks(t, n, 256, seed=i), t, (n, 256)) for i, (t, n) in enumerate(parts)]
+    fused = concat_rows(packed)
+    assert fused.bits == bits and fused.shape == (sum(n for _, n in parts), 256)
+    assert torch.equal(dequantize_packed(fused), torch.cat([dequantize_packed(p) for p in packed]))
+    if kernel.compiled() is not None:
+        x = torch.randn(5, 256)
+        assert torch.equal(kernel.block_mm(x, fused), torch.cat([kernel.block_mm(x, p) for p in packed], dim=1))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+def test_packed_codes_round_trip_and_cut_on_unit_boundaries(qtype: Q) -> None:
+    """Every storage the codes fit holds the same weights; rows map and columns cut on 32-boundaries as documented,
+    and the kernel gives the same bits whatever the storage (the same weights, the same chains)."""
+    p = pack(random_blocks(qtype, 13, 256, seed=3), qtype, (13, 256))
+    w = dequantize_packed(p)
+    q = codes(p)
+    fits = [8, 4] if qtype is Q.Q4_K else [8]
+    x = torch.randn(6, 256)
+    for bits in fits:
+        stored = with_bits(p, bits)
+        assert stored.bits == bits and torch.equal(codes(stored), q) and torch.equal(dequantize_packed(stored), w)
+        order = torch.randperm(13)
+        assert torch.equal(dequantize_packed(map_rows(stored, lambda t: t[order])), w[order])
+        assert torch.equal(dequantize_packed(slice_columns(stored, 64, 192)), w[:, 64:192])
+        if kernel.compiled() is not None:
+            assert torch.equal(kernel.block_mm(x, stored), kernel.block_mm(x, p))
+    assert p.bits == (4 if qtype is Q.Q4_K else 8)  # the storage pack chooses
+    if 4 not in fits:  # codes outside 0..15, groups of 16 (Q6_K)
+        with pytest.raises(ValueError, match="do not fit"):
+            with_bits(p, 4)
+    else:  # a scale with more than 20 significant bits: scale * q might round, so the fused kernel step could differ
+        long_scale = p.scale.view(torch.int32).bitwise_or(1).view(torch.float32)
+        subnormal = p.scale.clone().index_fill_(0, torch.tensor([0]), 2.0 ** -130)  # 20 bits, but s * q may round
+        for scale in (long_scale, subnormal):
+            with pytest.raises(ValueError, match="do not fit"):
+                with_bits(PackedBlocks(q, scale, p.min, p.group), 4)
 
 
 def test_without_the_kernel_the_model_keeps_its_fp32_linears(monkeypatch: pytest.MonkeyPatch,

@@ -69,7 +69,7 @@ def compiled() -> ModuleType | None:
     """The built screen kernel, or None where it cannot run here (no AVX512_BF16, no compiler)."""
     if not cpu_has_avx512_bf16() or block_kernel_compiled() is None:
         return None
-    return build(_SOURCE, _FLAGS)
+    return build(_SOURCE, flags=_FLAGS)
 
 
 class Bf16Screen:

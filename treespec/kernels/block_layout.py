@@ -1,16 +1,23 @@
-"""GGUF quantized blocks -> one kernel-friendly layout: int8 codes, an fp32 scale per group, an optional fp32 min.
+"""GGUF quantized blocks -> one kernel-friendly layout: small integer codes, an fp32 scale per group, an
+optional fp32 min.
 
 Why one layout: the four block types of the default file (Q8_0, Q5_0, Q4_K, Q6_K) all dequantize to
-`scale * q - min` with small integer codes q, so one kernel serves them all, and it streams 1.125-1.25 bytes
+`scale * q - min` with small integer codes q, so one kernel serves them all, and it streams 0.75-1.25 bytes
 per weight instead of the 4 of a dequantized fp32 matrix. The scale and min are computed exactly as the `gguf`
 package's dequantizers compute them (fp16 -> fp32, one fp32 product), so `scale * q - min`, rounded once per
 operation, reproduces the reference's weights bit for bit (`dequantize_packed` is checked against it).
 
-    type  group  q range     min    bytes/weight here (GGUF's own)
-    Q8_0   32    -128..127   no     1.125  (1.0625)
-    Q5_0   32    -16..15     no     1.125  (0.6875)
-    Q4_K   32    0..15       yes    1.25   (0.5625)
-    Q6_K   16    -32..31     no     1.25   (0.8203)
+    type  group  q range     codes stored as   min    bytes/weight here (GGUF's own)
+    Q8_0   32    -128..127   int8              no     1.125  (1.0625)
+    Q5_0   32    -16..15     int8              no     1.125  (0.6875)
+    Q4_K   32    0..15       nibbles           yes    0.75   (0.5625)
+    Q6_K   16    -32..31     int8              no     1.25   (0.8203)
+
+Nibbles (`bits` 4) come in units of 32 columns, never spanning one: q [out, in // 2] uint8, byte j of a unit =
+code j | code j + 16 << 4. So columns [a, b) on group (= unit) boundaries are q[:, a // 2: b // 2] (int8 codes:
+q[:, a: b]), and scales and mins [:, a // group: b // group] (slice_columns). Q5_0 stays int8: as nibbles plus
+a plane of 5th bits (0.75 bytes/weight) its unpacking made a one-row body product slower, not faster
+(kernels/block_mm.py).
 """
 from __future__ import annotations
 
@@ -22,17 +29,27 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 
+UNIT = 32  # columns per unit of nibbles
+
+
 @dataclass(frozen=True)
 class PackedBlocks:
-    """A [out, in] weight as w[n, k] = scale[n, k // group] * q[n, k] - min[n, k // group] (min absent: 0)."""
-    q: torch.Tensor                 # [out, in] int8
+    """A [out, in] weight as w[n, k] = scale[n, k // group] * q[n, k] - min[n, k // group] (min absent: 0),
+    with q the codes (module docstring: one int8 each, or nibbles)."""
+    q: torch.Tensor                 # [out, in] int8, or [out, in // 2] uint8 nibbles
     scale: torch.Tensor             # [out, in // group] fp32
     min: torch.Tensor | None        # [out, in // group] fp32, or None for symmetric types
-    group: int                      # 16 or 32 weights per scale
+    group: int                      # 16 or 32 weights per scale (32 with nibbles)
+
+    @property
+    def bits(self) -> int:
+        """8: int8 codes; 4: nibbles 0..15."""
+        return 8 if self.q.dtype == torch.int8 else 4
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
+        out_f, cols = self.q.shape
+        return out_f, cols * 8 // self.bits
 
     @property
     def nbytes(self) -> int:
@@ -50,8 +67,34 @@ def pack(raw: np.ndarray, qtype: Q, shape: tuple[int, int]) -> PackedBlocks:
     blocks = np.ascontiguousarray(raw).reshape(-1, type_size)
     q, scale, mn, group = _DECODERS[qtype](blocks)  # per block: [n, block] codes, [n, block // group] scales
     as_t = lambda a, cols: torch.from_numpy(np.ascontiguousarray(a).reshape(out_f, cols))  # noqa: E731
-    return PackedBlocks(as_t(q.astype(np.int8), in_f), as_t(scale, in_f // group),
-                        None if mn is None else as_t(mn, in_f // group), group)
+    codes = as_t(q.astype(np.int8), in_f)
+    packed = PackedBlocks(codes, as_t(scale, in_f // group), None if mn is None else as_t(mn, in_f // group), group)
+    return with_bits(packed, _PACKED_BITS.get(qtype, 8))
+
+
+def codes(p: PackedBlocks) -> torch.Tensor:  # -> [out, in] int8
+    """The codes one int8 each, whatever the storage."""
+    if p.bits == 8:
+        return p.q
+    units = p.q.view(p.q.shape[0], -1, UNIT // 2)                                          # [out, in / 32, 16]
+    return torch.stack([units & 0x0F, units >> 4], dim=2).view(p.q.shape[0], -1).to(torch.int8)
+
+
+def with_bits(p: PackedBlocks, bits: int) -> PackedBlocks:
+    """The same weights with codes stored as `bits`: 8 (int8) or 4 (nibbles), which needs codes 0..15, groups of
+    32 and normal (or zero) scales of at most 20 significant bits (Q4_K's have 17), so that scale * q is exact in
+    fp32 and the kernel may fuse `scale * q - min` into one multiply-subtract with the same rounding."""
+    if bits == p.bits:
+        return p
+    q = codes(p)
+    if bits == 8:
+        return PackedBlocks(q, p.scale, p.min, p.group)
+    short = ~(p.scale.view(torch.int32) & 0xF).bool() & ((p.scale == 0) | (p.scale.abs() >= torch.finfo().tiny))
+    if bits != 4 or p.group != UNIT or int(q.min()) < 0 or int(q.max()) > 15 or not bool(short.all()):
+        raise ValueError(f"codes do not fit {bits} bits (nibbles: codes 0..15, groups of {UNIT}, short scales)")
+    units = q.view(torch.uint8).view(q.shape[0], -1, 2, UNIT // 2)
+    return PackedBlocks((units[:, :, 0] | units[:, :, 1] << 4).reshape(q.shape[0], -1).contiguous(),
+                        p.scale, p.min, p.group)
 
 
 def map_rows(p: PackedBlocks, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedBlocks:
@@ -68,7 +111,8 @@ def slice_columns(p: PackedBlocks, start: int, stop: int) -> PackedBlocks:
         raise ValueError(f"columns [{start}, {stop}) of a {width}-wide weight do not fall on its "
                          f"{p.group}-weight group boundaries")
     g0, g1 = start // p.group, stop // p.group
-    return PackedBlocks(p.q[:, start:stop].contiguous(), p.scale[:, g0:g1].contiguous(),
+    per_byte = 8 // p.bits  # codes per byte: nibbles come in 32-column units, and their groups are 32 wide
+    return PackedBlocks(p.q[:, start // per_byte: stop // per_byte].contiguous(), p.scale[:, g0:g1].contiguous(),
                         None if p.min is None else p.min[:, g0:g1].contiguous(), p.group)
 
 
@@ -76,9 +120,12 @@ def concat_rows(parts: list[PackedBlocks]) -> PackedBlocks:
     """Stack weights with the same input width into one (a fused q/k/v or gate/up projection).
 
     Mixed groups regroup to 16 (a 32-group's scale repeated: the same weights) and a missing min becomes 0,
-    both exact, since `scale * q - 0` rounds as `scale * q`.
+    both exact, since `scale * q - 0` rounds as `scale * q`. Codes keep their storage if all parts share it,
+    else all become int8 (a Q4_K stacked on a Q5_0 or Q6_K).
     """
     group = min(p.group for p in parts)
+    bits = max(p.bits for p in parts)
+    parts = [with_bits(p, bits) for p in parts]
     regroup = lambda t, g: t.repeat_interleave(g // group, dim=1)  # noqa: E731
     has_min = any(p.min is not None for p in parts)
     mins = [regroup(p.min if p.min is not None else torch.zeros_like(p.scale), p.group) for p in parts]
@@ -89,7 +136,7 @@ def concat_rows(parts: list[PackedBlocks]) -> PackedBlocks:
 def dequantize_packed(p: PackedBlocks) -> torch.Tensor:  # -> [out, in] fp32
     """The packed weight as fp32, rounded like the kernels: one product, then one subtraction."""
     scale = p.scale.repeat_interleave(p.group, dim=1)
-    w = scale * p.q.float()
+    w = scale * codes(p).float()
     return w if p.min is None else w - p.min.repeat_interleave(p.group, dim=1)
 
 
@@ -143,3 +190,4 @@ def _q6_k(blocks: np.ndarray):
 
 
 _DECODERS = {Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q4_K: _q4_k, Q.Q6_K: _q6_k}
+_PACKED_BITS = {Q.Q4_K: 4}  # stored as nibbles (module docstring); the others keep int8 codes

@@ -15,6 +15,23 @@ Software prefetch made 1 and 4 rows 2.0x and 1.5x faster (18.5 and 22.0 ms befor
 the interleaved weight rows at ~5 GB/s. From 16 rows the product is compute-bound and oneDNN's pre-packed
 fp32 Linear is still ~20% faster.
 
+Two builds of the one source (Isa): AVX2, and where torch reports AVX512 an AVX-512VL build whose 32 ymm
+registers hold 4x6 register tiles (Zen 4 runs zmm as two ymm halves, so ymm with 32 registers is as fast). One
+thread, best of 15 interleaved, us, the default GGUF's layer-0 matrices, busy shared machine (load 4-7):
+
+    rows                      1        6          8          12         16
+    gate_up 4096x640 AVX2     144      486-489    591-603    893-910    1146-1275
+    gate_up   AVX-512VL       143      441-468    559-607    893        1094-1247
+    down 640x2048 AVX2        73       255-267    319-324    476-480    683-699
+    down      AVX-512VL       73       231-252    333-346    457        581-605
+
+Q4_K codes are nibbles (block_layout.py); measured on one thread they cost 43 -> 46 us (o_proj, 1 row) in
+unpacking while streaming 40% fewer bytes, so they pay where two threads share the memory bus; Q5_0 as nibbles
+plus a 5th-bit plane cost 145 -> 227 us (gate_up, 1 row) and stays int8. The whole body (72 fused matrices,
+2 threads, interleaved in one process, machine shared at load ~2), this kernel over 105 MB (Q4_K nibbles, AVX-512VL
+build) vs the AVX2-only int8 kernel before it over 117 MB, ms: 1 row 6.8 vs 7.5, 4 rows 10.3 vs 10.4, 8 rows 16.8 vs
+17.2, 16 rows 27.7 vs 30.9 (outputs bitwise equal). Python and dispatch cost ~1.3 us per call (0.1 ms per step).
+
 The kernel is built on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja) and cached
 by torch; where it cannot be built or run (no compiler, no AVX2) `compiled()` is None, `block_mm` computes
 through `reference_mm`, and models/quant_blocks.use_blocks keeps the dequantized fp32 Linears instead.
@@ -27,6 +44,7 @@ import hashlib
 import logging
 import platform
 import time
+from enum import Enum
 from pathlib import Path
 from types import ModuleType
 
@@ -43,29 +61,56 @@ STALE_LOCK_S = 600.0  # a kernel builds in about a minute; a lock file older tha
 log = logging.getLogger(__name__)
 
 
+class Isa(Enum):
+    """Which build of a kernel source: the same source and the same per-output chains, other register tiles."""
+    AVX2 = ()
+    AVX512 = ("-mavx512f", "-mavx512vl", "-DTREESPEC_WIDE_TILES")  # 32 ymm registers: wider tiles
+
+
+def host_isa() -> Isa | None:
+    """The widest build this CPU runs (torch's own dispatch check), None where not even AVX2 (or not x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    return {"AVX2": Isa.AVX2, "AVX512": Isa.AVX512}.get(torch.backends.cpu.get_cpu_capability())
+
+
+def runnable_isas() -> list[Isa]:
+    """Every build this CPU runs: an AVX-512 CPU runs the AVX2 build too."""
+    host = host_isa()
+    return [] if host is None else [isa for isa in Isa if isa in (Isa.AVX2, host)]
+
+
 @functools.cache
 def compiled() -> ModuleType | None:
-    """The built extension, or None (logged once) where it cannot be built or would not run here."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    """The built extension for this CPU, or None (logged once) where it cannot be built or would not run here."""
+    isa = host_isa()
+    if isa is None:
         log.warning("block kernel needs an x86 CPU with AVX2; quantized weights stay dequantized fp32")
         return None
-    return build(_SOURCE)
+    return build(_SOURCE, isa)
 
 
-def build(source: Path, flags: tuple[str, ...] = ()) -> ModuleType | None:
+@functools.cache
+def variant(isa: Isa) -> ModuleType | None:
+    """One build of the body kernel whatever this CPU would pick (tests and benchmarks compare them); the caller
+    checks that the CPU runs it."""
+    return compiled() if isa is host_isa() else build(_SOURCE, isa)
+
+
+def build(source: Path, isa: Isa = Isa.AVX2, flags: tuple[str, ...] = ()) -> ModuleType | None:
     """Compile (once per machine and torch version, cached by torch) and load one kernel source; None, logged,
-    where that fails. Callers check for AVX2 first (compiled()), and for whatever extra `flags` (e.g. -mavx512bf16)
-    need."""
+    where that fails. Callers check that the CPU runs `isa` first (compiled()), and whatever extra `flags`
+    (e.g. -mavx512bf16) need."""
     # one build per source path (checkouts side by side never rebuild each other's), and per version of lanes.h
-    name = f"treespec_{source.stem}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
+    tag = "" if isa is Isa.AVX2 else f"_{isa.name.lower()}"
+    name = f"treespec_{source.stem}{tag}_{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:8]}"
     log.info("loading %s (compiled once per machine and torch version: about a minute)", name)
     try:
         from torch.utils import cpp_extension
         _drop_stale_lock(build_dir(name))
         header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
         return cpp_extension.load(name=name, sources=[str(source)],
-                                  extra_cflags=[*_CFLAGS, *flags, f"-DLANES_H={header}"],
+                                  extra_cflags=[*_CFLAGS, *isa.value, *flags, f"-DLANES_H={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)
@@ -89,9 +134,10 @@ def _drop_stale_lock(build_dir: Path) -> None:
             lock.unlink()
 
 
-def block_mm(x: torch.Tensor, w: PackedBlocks) -> torch.Tensor:  # x: [T, in] fp32 -> [T, out] fp32
-    """x @ W^T with W = w dequantized; each row's result is independent of the other rows (bitwise)."""
-    ext = compiled()
+def block_mm(x: torch.Tensor, w: PackedBlocks, ext: ModuleType | None = None) -> torch.Tensor:  # x: [T, in] fp32
+    """x @ W^T -> [T, out] with W = w dequantized; each row's result is independent of the other rows (bitwise).
+    ext: a particular build (variant()), else this CPU's."""
+    ext = ext or compiled()
     if ext is None:
         return reference_mm(x, w)
     return ext.block_mm(x.contiguous(), w.q, w.scale, _NO_MIN if w.min is None else w.min, w.group)

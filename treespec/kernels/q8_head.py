@@ -61,8 +61,8 @@ class Q8Head:
     """A [V, D] Q8_0 weight (PackedBlocks, group 32, no min) as int8 codes + fp16 scales."""
 
     def __init__(self, blocks: PackedBlocks, softcap: float | None = None) -> None:
-        if blocks.group != 32 or blocks.min is not None:
-            raise ValueError("Q8Head wants Q8_0 blocks: group 32, no min")
+        if blocks.group != 32 or blocks.min is not None or blocks.bits != 8:
+            raise ValueError("Q8Head wants Q8_0 blocks: int8 codes, group 32, no min")
         d = blocks.scale.half()
         if not torch.equal(d.float(), blocks.scale) or not bool(torch.isfinite(blocks.scale).all()):
             raise ValueError("Q8Head wants finite fp16 scales (Q8_0 stores them as fp16)")

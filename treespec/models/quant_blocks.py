@@ -48,7 +48,7 @@ class BlockQuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
-                f"min={self.min is not None}, bias={self.bias is not None}")
+                f"bits={self.blocks.bits}, min={self.min is not None}, bias={self.bias is not None}")
 
 
 def use_blocks(model: nn.Module, blocks: dict[str, PackedBlocks]) -> int:
