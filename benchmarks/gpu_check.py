@@ -32,19 +32,9 @@ from treespec.engine.engine import LLMEngine  # noqa: E402
 from treespec.models import build_model  # noqa: E402
 from treespec.sampling import SamplingParams  # noqa: E402
 from treespec.tree import DraftKind, Proposal, TokenTree  # noqa: E402
+from tiny_hf import StubTokenizer  # noqa: E402
 
 TREE_NODES = 16
-
-
-class StubTokenizer:
-    """What the engine needs of a tokenizer when prompts are token ids."""
-    eos_ids: set[int] = set()
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
-
-    def id_to_token(self, token_id: int) -> str:
-        return str(token_id)
 
 
 class ReplayDrafter(ConfiguredDrafter):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers as tf
 from serving_tiny import save_tiny_model_dir, tiny_backend
-from tiny_hf import hf_model, prefill, twin
+from tiny_hf import StubTokenizer, hf_model, prefill, twin
 
 from treespec.attention.metadata import single
 from treespec.config import DraftSampling, DrafterConfig, EngineConfig, SpecConfig
@@ -32,17 +32,6 @@ from treespec.tree import DraftKind, Proposal, TokenTree, expand_static, grow_be
 from treespec.verify import VerifyResult, verify_stochastic
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-
-
-class StubTokenizer:
-    """What the engine needs of a tokenizer when prompts are token ids."""
-    eos_ids: set[int] = set()
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
-
-    def id_to_token(self, token_id: int) -> str:
-        return str(token_id)
 
 
 def tiny_llama(vocab: int, seed: int, layers: int = 2, max_len: int = 512) -> dict[str, object]:

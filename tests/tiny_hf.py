@@ -20,6 +20,17 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_atten
 _SLIDE_FULL_SLIDE = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
+class StubTokenizer:
+    """What the engine needs of a tokenizer when prompts are token ids."""
+    eos_ids: set[int] = set()
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+    def id_to_token(self, token_id: int) -> str:
+        return str(token_id)
+
+
 def _configs() -> dict[str, tf.PretrainedConfig]:
     return {
         "llama": tf.LlamaConfig(**_COMMON, num_hidden_layers=2),
