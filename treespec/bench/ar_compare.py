@@ -52,14 +52,16 @@ def compare_ar(llm: LLM, prompts: list[list[int]], max_tokens: int, methods: dic
         run_llama_cpp(cpp, prompts[:1], min(4, max_tokens))
     ours = {name: ArResult(f"treespec {name}") for name in engines}
     theirs = ArResult("llama.cpp") if cpp is not None else None
-    budgets = []
+    budgets = []  # per prompt: the length of plain's output (the first engine), which every other engine decodes
     for ids in prompts:
+        budget = max_tokens
         for i, (name, engine) in enumerate(engines.items()):
-            run = run_treespec(engine, f"treespec {name}", [ids], budgets[-1] if i else max_tokens, stop_at_eos=i == 0)
-            budgets += [] if i else [len(run.outputs[0])]
+            run = run_treespec(engine, f"treespec {name}", [ids], budget, stop_at_eos=i == 0)
+            budget = len(run.outputs[0])
             ours[name].add(run)
+        budgets.append(budget)
         if theirs is not None:
-            theirs.add(run_llama_cpp(cpp, [ids], budgets[-1]))
+            theirs.add(run_llama_cpp(cpp, [ids], budget))
     out = ArComparison(list(ours.values()), theirs, note)
     if theirs is not None:
         out.agreement = {r.name: Agreement.of(r.outputs, theirs.outputs) for r in out.treespec}
