@@ -1,11 +1,13 @@
 """Where a plain decode step's time goes, by part, with kernels/decode_ops on and off in one process.
 
 Wraps the parts (block products, attention, MLP, RMSNorm, the attention kernel, RoPE, KV writes, masks, the
-greedy head, the engine step) with process-CPU-time counters (both threads summed: steadier than wall time on a
-shared machine; a 2-thread product counts twice its wall time) and decodes a completion-form prompt greedily,
+decoder-layer glue, the greedy head, the engine step) with process-CPU-time counters (both threads summed: steadier
+than wall time on a shared machine; a 2-thread product counts twice its wall time; `--clock wall` on a quiet one)
+and decodes a completion-form prompt greedily,
 alternating torch's ops ("before") and decode_ops ("after"); per setting the best of `--runs` generations.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/step_profile.py [--weights auto] [--tokens 64]
+        [--clock wall]
 """
 from __future__ import annotations
 
@@ -25,15 +27,16 @@ from treespec.sampling import SamplingParams
 
 PROMPT = ("Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
           "How many clips did Natalia sell altogether in April and May?\nAnswer:")
+clock = time.process_time
 spent: dict[str, float] = collections.defaultdict(float)
 calls: collections.Counter[str] = collections.Counter()
 
 
 def counted(key: str, fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
-        t = time.process_time()
+        t = clock()
         out = fn(*args, **kwargs)
-        spent[key] += time.process_time() - t
+        spent[key] += clock() - t
         calls[key] += 1
         return out
     return wrapper
@@ -51,8 +54,11 @@ def instrument(llm: LLM) -> None:
     base.CausalLM.forward = counted("model forward", base.CausalLM.forward)
     lm_head.LMHead.argmax = counted("greedy head", lm_head.LMHead.argmax)
     engine.LLMEngine.step = counted("engine step", engine.LLMEngine.step)
-    for layer in llm.target.layers:
-        layer.self_attn.attend = counted("attention kernel", layer.self_attn.attend)
+    decode_ops.attention = counted("attention kernel", decode_ops.attention)
+    decode_ops.cached_attention = counted("KV write + attention kernel", decode_ops.cached_attention)
+    decode_ops.qk_norm_rope = counted("q/k norm + RoPE", decode_ops.qk_norm_rope)
+    decode_ops.residual_norm = counted("residual + norms", decode_ops.residual_norm)
+    decode_ops.act_mul = counted("activation * up", decode_ops.act_mul)
 
 
 def main() -> None:
@@ -61,7 +67,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="wall: elapsed time (on a quiet machine: what a step costs; cpu counts both threads)")
     args = ap.parse_args()
+    global clock
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     llm = LLM(weight_quantization=args.weights, num_threads=args.threads)
     instrument(llm)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
@@ -73,15 +83,16 @@ def main() -> None:
         for _ in range(args.runs):
             spent.clear()
             calls.clear()
-            t = time.process_time()
+            t = clock()
             n = len(llm.generate(PROMPT, params)[0].token_ids)
-            run = (time.process_time() - t) / n, dict(spent), dict(calls)
+            run = (clock() - t) / n, dict(spent), dict(calls)
             best = run if best is None or run[0] < best[0] else best
         per_token, parts, counts = best
         steps = counts["engine step"]
-        print(f"{label}: {1e3 * per_token:.2f} CPU ms per token, {steps} steps")
+        unit = "CPU ms" if args.clock == "cpu" else "ms"
+        print(f"{label}: {1e3 * per_token:.2f} {unit} per token, {steps} steps")
         for key in sorted(parts, key=lambda k: -parts[k]):
-            print(f"  {key:28s} {1e3 * parts[key] / steps:7.2f} CPU ms/step  {counts[key] / steps:5.1f} calls/step  "
+            print(f"  {key:28s} {1e3 * parts[key] / steps:7.2f} {unit}/step  {counts[key] / steps:5.1f} calls/step  "
                   f"{1e6 * parts[key] / counts[key]:8.1f} us/call")
 
 

@@ -1,4 +1,5 @@
-// The small per-row ops of a decode step, one call each: RMSNorm, and attention of a few query rows.
+// The small per-row ops of a decode step, one call each: RMSNorm, attention of a few query rows, and the glue of a
+// decoder layer (q/k norm + RoPE, K/V write + attention, residual + norms, activation * up).
 //
 // Why: torch's F.rms_norm runs as ~7 small ops on CPU and its fused attention allocates and tiles for large
 // problems; at one row (decoding) or a few (a token tree) their fixed cost per call was most of the step's
@@ -65,7 +66,7 @@ struct Attn {
   const float* k; int64_t ks0, ks1;        // [KV, L, hd]
   const float* v; int64_t vs0, vs1;        // [KV, L, hd]
   const bool* mask; int64_t ms0;           // [n, L] or null
-  float* out;                              // [H, n, hd] contiguous
+  float* out; int64_t os0, os1;            // [H, n, hd] or [n, H, hd]: head and row strides
   int64_t H, KV, n, L, hd;
   float scale;
 
@@ -102,7 +103,7 @@ struct Attn {
       float* sg = s + g * L;
       float top = lowest;
       for (int64_t j = 0; j < L; ++j) top = std::max(top, sg[j]);
-      float* o = out + ((kvh * G + g) * n + i) * hd;
+      float* o = out + (kvh * G + g) * os0 + i * os1;
       if (top == lowest) {  // every key masked
         for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
         continue;
@@ -155,6 +156,32 @@ struct Attn {
   }
 };
 
+// every query row of a (one item = one query row of one K/V head); small calls run on the calling thread
+void run(const Attn& a) {
+  const int64_t G = a.H / a.KV;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * a.L * a.hd));
+  at::parallel_for(0, a.KV * a.n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(G * a.L);
+    for (int64_t item = begin; item < end; ++item) a.row(item / a.n, item % a.n, s.data());
+  });
+}
+
+// y = x cos + rot(x) sin with rot(x)[i] = x[i + hd/2] (i < hd/2), x[i - hd/2] (else): RoPE pairing dim i with
+// i + hd/2 as models/layers.apply_rope does, rounded as its torch.addcmul(x * cos, roll(x), sin) rounds on this
+// CPU (x cos rounded, then one fused multiply-add; tests check it bit for bit). hd % 16 == 0
+void rope_row(const float* x, const float* cos, const float* sin, float* y, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < hd; i += kLanes) {
+    const int64_t j = i < half ? i + half : i - half;
+    const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(cos + i));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(sin + i), a));
+  }
+}
+
+void check_matrix(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 2 && t.stride(1) == 1, what, ": 2-D fp32, rows contiguous");
+}
+
 void check_rows(const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 3 && t.stride(2) == 1, what, ": 3-D fp32, last dim contiguous");
 }
@@ -196,18 +223,121 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   auto out = torch::empty({H, n, hd}, q.options());
   const Attn a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr<float>(), k.stride(0), k.stride(1),
                v.data_ptr<float>(), v.stride(0), v.stride(1), masked ? mask.data_ptr<bool>() : nullptr,
-               masked ? mask.stride(0) : 0, out.data_ptr<float>(), H, KV, n, L, hd, static_cast<float>(scale)};
-  const int64_t G = H / KV;
-  // one item = one query row of one K/V head; small calls run on the calling thread
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * L * hd));
-  at::parallel_for(0, KV * n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * L);
-    for (int64_t item = begin; item < end; ++item) a.row(item / n, item % n, s.data());
+               masked ? mask.stride(0) : 0, out.data_ptr<float>(), n * hd, hd, H, KV, n, L, hd,
+               static_cast<float>(scale)};
+  run(a);
+  return out;
+}
+
+// The glue of a decoder layer, one call each where torch runs several small ops (models/layers.py uses them).
+
+// qkv: [T, W] fp32 (rows contiguous; q heads then K/V heads from column 0), w: [P, hd] per-head norm weights or
+// empty, cos, sin: [T, hd] (RotaryTable rows) -> [T, P, hd]: the first P = H + KV heads of each row, RMS-normed
+// with w (when given) as rms_norm does, then rotated (rope_row)
+torch::Tensor qk_norm_rope(torch::Tensor qkv, torch::Tensor w, double eps, torch::Tensor cos, torch::Tensor sin,
+                           int64_t P) {
+  check_matrix(qkv, "qkv");
+  const int64_t T = qkv.size(0), hd = cos.size(-1);
+  TORCH_CHECK(hd % (2 * kLanes) == 0 && P * hd <= qkv.size(1), "qkv: [T, >= P hd], hd % 16 == 0");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == T * hd && sin.numel() == T * hd, "cos, sin: [T, hd] fp32");
+  const bool norm = w.numel() > 0;
+  TORCH_CHECK(!norm || (w.scalar_type() == torch::kFloat && w.is_contiguous() && w.numel() == P * hd), "w: [P, hd]");
+  auto out = torch::empty({T, P, hd}, qkv.options());
+  const float* xp = qkv.data_ptr<float>();
+  const float* wp = norm ? w.data_ptr<float>() : nullptr;
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xs = qkv.stride(0);
+  at::parallel_for(0, T * P, std::max<int64_t>(1, 65536 / hd), [&](int64_t begin, int64_t end) {
+    std::vector<float> tmp(hd);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / P, p = item % P;
+      const float* x = xp + t * xs + p * hd;
+      if (norm) rms_rows(x, 0, wp + p * hd, tmp.data(), 1, 1, hd, static_cast<float>(eps), 0, 1);
+      rope_row(norm ? tmp.data() : x, cp + t * hd, sp + t * hd, op + item * hd, hd);
+    }
   });
   return out;
+}
+
+// One request's part of a forward: its rows [row0, row0 + n) write K (from qk, heads H..H+KV-1) and V (from qkv,
+// columns (H + KV) hd on) into cache slots [slot0, slot0 + n) of layer `layer` (kc, vc: [layers, KV, C, hd]
+// contiguous), then their queries (qk heads 0..H-1) attend over slots [first, slot0 + n) under mask ([n, L] bool,
+// or empty: every key) into out rows [row0, row0 + n) ([T, H hd]): the heads side by side, as o_proj reads them.
+void cached_attention(torch::Tensor qk, torch::Tensor qkv, int64_t row0, int64_t n, torch::Tensor kc,
+                      torch::Tensor vc, int64_t layer, int64_t slot0, int64_t first, torch::Tensor mask,
+                      double scale, torch::Tensor out) {
+  check_rows(qk, "qk");
+  check_matrix(qkv, "qkv");
+  check_matrix(out, "out");
+  TORCH_CHECK(qk.is_contiguous() && out.is_contiguous(), "qk, out: contiguous");
+  TORCH_CHECK(kc.scalar_type() == torch::kFloat && kc.dim() == 4 && kc.is_contiguous() && vc.is_contiguous() &&
+              kc.sizes() == vc.sizes() && vc.scalar_type() == torch::kFloat, "kc, vc: [layers, KV, C, hd] fp32");
+  const int64_t T = qk.size(0), P = qk.size(1), hd = qk.size(2), KV = kc.size(1), C = kc.size(2), H = P - KV;
+  const int64_t L = slot0 + n - first;
+  TORCH_CHECK(kc.size(3) == hd && H > 0 && H % KV == 0 && hd % kLanes == 0 && qkv.size(0) == T &&
+              qkv.size(1) >= (P + KV) * hd && out.size(0) == T && out.size(1) == H * hd, "qk, qkv, out shapes");
+  TORCH_CHECK(0 <= layer && layer < kc.size(0) && 0 <= row0 && n > 0 && row0 + n <= T && 0 <= first &&
+              first <= slot0 && slot0 + n <= C, "rows, slots or layer out of range");
+  const bool masked = mask.numel() > 0;
+  TORCH_CHECK(!masked || (mask.scalar_type() == torch::kBool && mask.dim() == 2 && mask.size(0) == n &&
+                          mask.size(1) == L && mask.stride(1) == 1), "mask: [n, L] bool, last dim contiguous");
+  float* k = kc.data_ptr<float>() + layer * KV * C * hd;
+  float* v = vc.data_ptr<float>() + layer * KV * C * hd;
+  const float* q = qk.data_ptr<float>() + row0 * P * hd;
+  const float* vsrc = qkv.data_ptr<float>() + row0 * qkv.stride(0) + P * hd;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < KV; ++h) {
+      std::copy_n(q + (i * P + H + h) * hd, hd, k + (h * C + slot0 + i) * hd);
+      std::copy_n(vsrc + i * qkv.stride(0) + h * hd, hd, v + (h * C + slot0 + i) * hd);
+    }
+  const Attn a{q, hd, P * hd, k + first * hd, C * hd, hd, v + first * hd, C * hd, hd,
+               masked ? mask.data_ptr<bool>() : nullptr, masked ? mask.stride(0) : 0,
+               out.data_ptr<float>() + row0 * H * hd, hd, H * hd, H, KV, n, L, hd, static_cast<float>(scale)};
+  run(a);
+}
+
+// h = x + rms_norm(y, w), and rms_norm(h, w2) when w2 is given (x, y: [T, D] contiguous; w, w2: [D]): a post-norm
+// residual and the next pre-norm, rounded as the separate ops round them -> [h] or [h, z]
+std::vector<torch::Tensor> residual_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps,
+                                         torch::Tensor w2) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && y.scalar_type() == torch::kFloat && x.dim() == 2 &&
+              x.is_contiguous() && y.is_contiguous() && x.sizes() == y.sizes(), "x, y: [T, D] fp32 contiguous");
+  const int64_t T = x.size(0), D = x.size(1);
+  const bool second = w2.numel() > 0;
+  for (const auto& t : {w, w2})
+    TORCH_CHECK(t.numel() == 0 || (t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == D),
+                "w, w2: [D] fp32");
+  TORCH_CHECK(w.numel() == D && D % kLanes == 0, "w: [D], D % 8 == 0");
+  auto h = torch::empty_like(x);
+  auto z = second ? torch::empty_like(x) : torch::Tensor();
+  const float *xp = x.data_ptr<float>(), *yp = y.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / D), [&](int64_t t0, int64_t t1) {
+    rms_rows(yp, D, wp, hp, T, 1, D, static_cast<float>(eps), t0, t1);
+    for (int64_t i = t0 * D; i < t1 * D; i += kLanes)
+      _mm256_storeu_ps(hp + i, _mm256_add_ps(_mm256_loadu_ps(xp + i), _mm256_loadu_ps(hp + i)));
+    if (second) rms_rows(hp, D, w2.data_ptr<float>(), z.data_ptr<float>(), T, 1, D, static_cast<float>(eps), t0, t1);
+  });
+  return second ? std::vector<torch::Tensor>{h, z} : std::vector<torch::Tensor>{h};
+}
+
+// gate_up: [T, 2 I] -> act(gate) * up, [T, I], through torch's own activation (so equal to the separate ops)
+// without the Python calls between them; act: 0 SiLU, 1 GELU (tanh approximation), 2 GELU
+torch::Tensor act_mul(torch::Tensor gate_up, int64_t act) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && 0 <= act && act <= 2, "gate_up: [T, 2 I]; act 0-2");
+  const int64_t I = gate_up.size(1) / 2;
+  const auto gate = gate_up.narrow(1, 0, I);
+  auto g = act == 0 ? at::silu(gate) : at::gelu(gate, act == 1 ? "tanh" : "none");
+  return g.mul_(gate_up.narrow(1, I, I));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x / sqrt(mean(x^2) + eps) * w over each row; see decode_ops.cpp");
   m.def("attention", &attention, "masked softmax attention of few query rows; see decode_ops.cpp");
+  m.def("qk_norm_rope", &qk_norm_rope, "q/k heads of a fused q/k/v, normed and rotated; see decode_ops.cpp");
+  m.def("cached_attention", &cached_attention, "one request's K/V write and attention; see decode_ops.cpp");
+  m.def("residual_norm", &residual_norm, "x + rms_norm(y), and its own norm; see decode_ops.cpp");
+  m.def("act_mul", &act_mul, "act(gate) * up of a fused gate/up; see decode_ops.cpp");
 }

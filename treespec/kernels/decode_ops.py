@@ -1,4 +1,5 @@
-"""RMSNorm and few-row attention as one C++ call each (decode_ops.cpp), with torch's ops as twin and fallback.
+"""RMSNorm, few-row attention and a decoder layer's glue as one C++ call each (decode_ops.cpp), with torch's ops
+as twin and fallback.
 
 Why: at one row (decoding) or a few (a token tree) the fixed cost of torch's ops dominates these two:
 F.rms_norm runs as ~7 small ops (~90 calls per step on Gemma 3 270M) and scaled_dot_product_attention's CPU
@@ -25,6 +26,7 @@ from treespec.kernels.block_mm import build, compiled as block_kernel_compiled
 
 _SOURCE = Path(__file__).with_name("decode_ops.cpp")
 _NO_MASK = torch.empty(0, dtype=torch.bool)
+_NO_WEIGHT = torch.empty(0)
 MAX_KERNEL_ROWS = 64  # query rows per request: trees up to this size score every row like a decode step
 
 
@@ -64,3 +66,45 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if m.numel() and m.stride(-1) != 1:
         m = m.contiguous()
     return ext.attention(q, k, v, m, scale)
+
+
+# ------------------------------------------------------------------------------------- a decoder layer's glue
+# Why: after the block products and attention, a decode step's time went to ~40 small torch ops and their Python
+# calls per layer (views, RoPE's roll, K/V slice-assigns, transposes, chunk/gelu/mul, norm + add). These four
+# calls cover them; models/layers.py runs them where `glue_runs` says so, and keeps torch's ops as their twins.
+
+def glue_runs(x: torch.Tensor) -> bool:
+    """Whether the glue kernels take a forward on x: built here, fp32 on the CPU, no autograd (distill trains
+    these modules through torch's ops)."""
+    return compiled() is not None and x.is_cpu and x.dtype is torch.float32 and not torch.is_grad_enabled()
+
+
+def qk_norm_rope(qkv: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 heads: int) -> torch.Tensor:  # qkv: [T, W]; weight: [heads, hd]; cos, sin: [T, 1, hd] -> [T, heads, hd]
+    """The first `heads` head rows of each qkv row, RMS-normed by weight (None: not normed), then rotated by RoPE."""
+    return compiled().qk_norm_rope(qkv, _NO_WEIGHT if weight is None else weight, eps, cos, sin, heads)
+
+
+def cached_attention(qk: torch.Tensor, qkv: torch.Tensor, rows: tuple[int, int], k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, layer: int, slots: tuple[int, int], mask: torch.Tensor | None,
+                     scale: float, out: torch.Tensor) -> None:
+    """One request's rows (start, n) of a forward: K (qk's heads after the query heads) and V (qkv's last columns)
+    into cache slots [slots[0], slots[0] + n) of `layer` (k_cache, v_cache: [layers, KV, C, hd]), then attention of
+    its queries over slots [slots[1], slots[0] + n) under mask ([n, L] or None) into out's rows ([T, H hd])."""
+    m = _NO_MASK if mask is None else mask
+    compiled().cached_attention(qk, qkv, rows[0], rows[1], k_cache, v_cache, layer, slots[0], slots[1], m, scale, out)
+
+
+def residual_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                  next_weight: torch.Tensor | None = None) -> list[torch.Tensor]:  # x, y: [T, D] -> [h] or [h, z]
+    """h = x + rms_norm(y, weight), and z = rms_norm(h, next_weight) when given, rounded as those ops round."""
+    w2 = _NO_WEIGHT if next_weight is None else next_weight
+    return compiled().residual_norm(x.contiguous(), y.contiguous(), weight, eps, w2)
+
+
+ACTIVATION_CODES = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu": 2}  # models.config.Activation values -> act_mul's
+
+
+def act_mul(gate_up: torch.Tensor, act: int) -> torch.Tensor:  # gate_up: [T, 2 I] -> [T, I]
+    """act(gate) * up through torch's own activation kernel, in one call."""
+    return compiled().act_mul(gate_up, act)

@@ -63,7 +63,7 @@ class CausalLM(HFLoadable):
         its own blocks on the activations the previous stage sent)."""
         full = self.rope_full.lookup(positions, h.dtype)
         local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions, h.dtype)
-        batch = ForwardBatch(seqs, positions, {False: full, True: local})
+        batch = ForwardBatch.build(h, positions, seqs, {False: full, True: local})
         for block in self.layers if blocks is None else blocks:
             h = block(h, batch)
         return h

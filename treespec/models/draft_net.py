@@ -183,7 +183,7 @@ class DraftNet(torch.nn.Module):
             x = torch.cat([rms_norm(features, self.feature_norm, eps), x], dim=-1)
         h = few_rows_linear(self.fc, x)
         cos_sin = self.rope.lookup(positions)
-        batch = ForwardBatch(seqs, positions, {False: cos_sin, True: cos_sin})
+        batch = ForwardBatch.build(h, positions, seqs, {False: cos_sin, True: cos_sin})
         for block in self.layers:
             h = block(h, batch)
         return rms_norm(h, self.norm, eps)

@@ -17,6 +17,7 @@ import torch
 
 from treespec.attention import AttentionFn
 from treespec.errors import ModelLoadError
+from treespec.kernels import decode_ops
 from treespec.models.base import CausalLM
 from treespec.models.config import (Activation, Defaults, HFConfig, ModelConfig, RopeConfig, layer_types, opt_float,
                                     parse_rope, read_config)
@@ -43,8 +44,14 @@ class Gemma3Block(HFLoadable):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:  # x: [T, D] -> [T, D]
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), batch))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        a = self.self_attn(self.input_layernorm(x), batch)
+        post_a, pre_m = self.post_attention_layernorm, self.pre_feedforward_layernorm
+        post_m = self.post_feedforward_layernorm
+        if batch.glue:  # each residual add with the norms beside it in one call, rounded as below
+            h, z = decode_ops.residual_norm(x, a, post_a.weight, post_a.eps, pre_m.weight)
+            return decode_ops.residual_norm(h, self.mlp(z), post_m.weight, post_m.eps)[0]
+        h = x + post_a(a)
+        return h + post_m(self.mlp(pre_m(h)))
 
 
 class Gemma3ForCausalLM(CausalLM):

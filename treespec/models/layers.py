@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from treespec.attention import AttentionFn
 from treespec.attention.metadata import SeqAttention
+from treespec.attention.sdpa import fast_attention
 from treespec.kernels import decode_ops
+from treespec.kv.cache import KVCache
 from treespec.models.config import Activation, ModelConfig, RopeConfig, RopeType
 from treespec.models.matmul import PACK_MIN_NUMEL, PACKED_MIN_ROWS, few_rows_linear, pack_weight, packed_linear
 
@@ -201,11 +203,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class ForwardBatch:
-    """What every layer of one forward shares: the requests, their RoPE rows, masks built once per window."""
+    """What every layer of one forward shares: the requests, their RoPE rows, masks built once per window, and
+    whether the layers run decode_ops' glue (`glue`: fp32 on the CPU, kernels built, no autograd) and its cached
+    attention (`cached`: also every request few rows and a plain fp32 KVCache)."""
     seqs: list[SeqAttention]
     positions: torch.Tensor                                 # [T]
-    rope: dict[bool, tuple[torch.Tensor, torch.Tensor]]     # sliding layer? -> cos, sin [T, 1, hd/2]
+    rope: dict[bool, tuple[torch.Tensor, torch.Tensor]]     # sliding layer? -> cos, sin [T, 1, hd]
+    glue: bool = False
+    cached: bool = False
     _masks: dict[tuple[int, int | None], tuple[torch.Tensor | None, int]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, h: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
+              rope: dict[bool, tuple[torch.Tensor, torch.Tensor]]) -> "ForwardBatch":  # h: [T, D]
+        glue = decode_ops.glue_runs(h)
+        cached = glue and all(s.n <= decode_ops.MAX_KERNEL_ROWS and isinstance(s.cache, KVCache)
+                              and s.cache.k.dtype is torch.float32 for s in seqs)
+        return cls(seqs, positions, rope, glue, cached)
 
     def mask(self, r: int, window: int | None) -> tuple[torch.Tensor | None, int]:
         """Request r's mask over its visible slots from `first` on: (mask [n, visible - first] or None when
@@ -269,10 +283,15 @@ class Attention(HFLoadable):
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:  # x: [T, D] -> [T, D]
         t, h, kv, hd = x.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = self.qkv_proj(x)                          # [T, (H + 2 KV) hd]
-        qk = qkv[:, :(h + kv) * hd].view(t, h + kv, hd)
-        if self.qk_norm is not None:
-            qk = self.qk_norm(qk)
-        qk = apply_rope(qk, *batch.rope[self.sliding])
+        glue = batch.glue and hd % 16 == 0
+        qk = self._qk(qkv, batch, glue)                 # [T, H + KV, hd]: normed and rotated
+        if glue and batch.cached and self.attend is fast_attention:
+            out = qkv.new_empty(t, h * hd)
+            for r, s in enumerate(batch.seqs):
+                mask, first = batch.mask(r, self.window)
+                decode_ops.cached_attention(qk, qkv, (s.start, s.n), s.cache.k, s.cache.v, self.layer,
+                                            (s.cache.visible - s.n, first), mask, self.scale, out)
+            return self.o_proj(out)
         q, k = qk[:, :h], qk[:, h:]                     # [T, H, hd], [T, KV, hd]
         v = qkv[:, (h + kv) * hd:].view(t, kv, hd)
         out = None if len(batch.seqs) == 1 else q.new_empty(t, h, hd)
@@ -287,6 +306,17 @@ class Attention(HFLoadable):
             else:
                 out[rows] = o
         return self.o_proj(out.reshape(t, h * hd))
+
+    def _qk(self, qkv: torch.Tensor, batch: ForwardBatch, glue: bool) -> torch.Tensor:  # -> [T, H + KV, hd]
+        """The q and k heads of qkv: [T, (H + 2 KV) hd], normed (qk_norm) and rotated; one glue call where it runs
+        (the same numbers as torch's ops, tests/test_decode_glue.py)."""
+        t, heads = qkv.shape[0], self.heads + self.kv_heads
+        norm = self.qk_norm
+        if glue:
+            return decode_ops.qk_norm_rope(qkv, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps,
+                                           *batch.rope[self.sliding], heads)
+        qk = qkv[:, :heads * self.head_dim].view(t, heads, self.head_dim)
+        return apply_rope(qk if norm is None else norm(qk), *batch.rope[self.sliding])
 
 
 # ------------------------------------------------------------------------------------------------------ mlp
@@ -305,6 +335,7 @@ class MLP(HFLoadable):
         super().__init__()
         d, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.act = _ACTIVATIONS[cfg.activation]
+        self.act_code = decode_ops.ACTIVATION_CODES[cfg.activation.value]
         self.gate_up_proj = Linear(d, 2 * i, bias=b)
         self.down_proj = Linear(i, d, bias=b)
         names = ("gate_proj", "up_proj", "down_proj")
@@ -327,7 +358,10 @@ class MLP(HFLoadable):
         return gate_up | _split(self.down_proj, ("down_proj",), (d,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, D] -> [T, D]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if decode_ops.glue_runs(gate_up):
+            return self.down_proj(decode_ops.act_mul(gate_up, self.act_code))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
