@@ -56,12 +56,25 @@ def test_residual_norm_rounds_as_the_separate_ops(rows: int) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("act,fn", [("silu", F.silu), ("gelu_pytorch_tanh", lambda t: F.gelu(t, approximate="tanh")),
-                                    ("gelu", F.gelu)])
-def test_act_mul_is_torchs_activation(act: str, fn) -> None:
+@pytest.mark.parametrize("act,fn", [("silu", F.silu), ("gelu_pytorch_tanh", lambda t: F.gelu(t, approximate="tanh"))])
+@pytest.mark.parametrize("scale", (1.0, 10.0, 60.0))
+def test_act_mul_matches_torchs_activation(act: str, fn, scale: float) -> None:
+    """Within a few ulp of act(gate) * up in float64 (as close as torch's own), measured against |gate * up|:
+    the activation's factor is a sigmoid, so its error is absolute; saturated and signed-zero inputs included."""
+    gate_up = torch.randn(9, 2 * 96, generator=torch.Generator().manual_seed(3)) * scale
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 100.0, -100.0, 20.0, -20.0])
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = decode_ops.act_mul(gate_up, decode_ops.ACTIVATION_CODES[act])
+    exact = fn(gate.double()) * up.double()
+    assert ((got.double() - exact).abs() <= 4e-7 * (gate.double() * up.double()).abs() + 1e-38).all()
+    assert torch.equal(decode_ops.act_mul(gate_up[4:5], decode_ops.ACTIVATION_CODES[act]), got[4:5])  # rows alone
+
+
+@needs_kernel
+def test_act_mul_with_erf_gelu_is_torchs() -> None:
     gate_up = torch.randn(7, 2 * 80, generator=torch.Generator().manual_seed(3)) * 3
     gate, up = gate_up.chunk(2, dim=-1)
-    assert torch.equal(decode_ops.act_mul(gate_up, decode_ops.ACTIVATION_CODES[act]), fn(gate) * up)
+    assert torch.equal(decode_ops.act_mul(gate_up, decode_ops.ACTIVATION_CODES["gelu"]), F.gelu(gate) * up)
 
 
 @needs_kernel
@@ -115,8 +128,7 @@ def test_cached_attention_is_a_cache_write_then_attention(heads: int, kv: int) -
 @pytest.mark.parametrize("family", FAMILIES)
 def test_models_with_the_glue_equal_torchs_ops(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill, a 5-node tree and a decode step of each tiny family: hidden states and K/V caches with the glue
-    equal those through torch's ops to float rounding (bit for bit where this CPU's torch fuses RoPE's
-    multiply-add, as this one does)."""
+    equal those through torch's ops to float rounding (the activation differs from torch's by a few ulp)."""
     model = twin(hf_model(family))
     parents = [-1, 0, 0, 1, 2]
     p = decode_ops.MAX_KERNEL_ROWS + 6  # a prefill longer than the kernel's rows: K/V written by torch's ops
@@ -144,11 +156,11 @@ def test_models_with_the_glue_equal_torchs_ops(family: str, monkeypatch: pytest.
     monkeypatch.setattr(decode_ops, "glue_runs", lambda x: False)
     plain, plain_cache = run()
     for a, b in zip(glued, plain):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     n = glued_cache.length  # the slots after it were never written (uninitialised memory)
     assert n == plain_cache.length == p + 3
-    torch.testing.assert_close(glued_cache.k[:, :, :n], plain_cache.k[:, :, :n], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(glued_cache.v[:, :, :n], plain_cache.v[:, :, :n], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(glued_cache.k[:, :, :n], plain_cache.k[:, :, :n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(glued_cache.v[:, :, :n], plain_cache.v[:, :, :n], rtol=1e-5, atol=1e-5)
 
 
 def counted(calls: dict[str, int], name: str, fn):
@@ -164,3 +176,20 @@ def test_the_glue_runs_only_without_autograd() -> None:
     with torch.inference_mode():
         assert decode_ops.glue_runs(x) and not decode_ops.glue_runs(x.double())
     assert not decode_ops.glue_runs(x)  # autograd on: distill trains through torch's ops
+
+
+@pytest.mark.parametrize("window", (None, 1, 4, 30))
+def test_a_decode_steps_mask_is_the_general_one(window: int | None) -> None:
+    """ForwardBatch.mask's shortcut for one chained row (no mask tensor) matches the general mask: every key
+    from `first` on allowed."""
+    from treespec.models.layers import ForwardBatch
+    for length in (0, 3, 12):
+        cache = KVCache(1, 1, 16, 64)
+        cache.reserve(length)
+        cache.commit()
+        cache.reserve(1)
+        seq = SeqAttention(cache, 0, 1)
+        positions = torch.tensor([length])
+        mask, first = ForwardBatch([seq], positions, {}).mask(0, window)
+        general = seq.mask(positions, window)
+        assert mask is None and bool(general[:, first:].all()) and not bool(general[:, :first].any())

@@ -56,7 +56,7 @@ _SOURCE = Path(__file__).with_name("block_mm.cpp")
 _HEADER = Path(__file__).with_name("lanes.h")  # shared by the kernels; its hash is a build flag, so an edit rebuilds
 # -ffp-contract=off keeps `scale * q - min` two roundings, as the reference rounds it
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
-_NO_MIN = torch.empty(0)
+NO_MIN = torch.empty(0)  # the kernel's "no min" (symmetric types)
 STALE_LOCK_S = 600.0  # a kernel builds in about a minute; a lock file older than this is a killed build's
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def block_mm(x: torch.Tensor, w: PackedBlocks, ext: ModuleType | None = None) ->
     ext = ext or compiled()
     if ext is None:
         return reference_mm(x, w)
-    return ext.block_mm(x.contiguous(), w.q, w.scale, _NO_MIN if w.min is None else w.min, w.group)
+    return ext.block_mm(x.contiguous(), w.q, w.scale, NO_MIN if w.min is None else w.min, w.group)
 
 
 def reference_mm(x: torch.Tensor, w: PackedBlocks) -> torch.Tensor:  # x: [T, in] -> [T, out]

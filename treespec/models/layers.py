@@ -228,6 +228,10 @@ class ForwardBatch:
         key = (r, window)
         if key not in self._masks:
             s = self.seqs[r]
+            if s.n == 1 and s.tree_mask is None and s.cache.pending == 1:  # a decode step: first on, every key
+                p = int(self.positions[s.start])
+                self._masks[key] = (None, 0 if window is None else max(0, min(p - window + 1, s.cache.length)))
+                return self._masks[key]
             pos = self.positions[s.start:s.start + s.n]
             first = 0 if window is None else max(0, min(int(pos.min()) - window + 1, s.cache.length))
             m = s.mask(pos, window)[:, first:]
