@@ -69,3 +69,21 @@ def test_corpus_database(tmp_path):
     f.write_text("9 8 7 6 5")
     d = NgramDrafter(DrafterConfig("ngram", corpus=str(f)), 0, Tok())
     assert _draft(d, _Req("x", [1, 8])).tokens[1:].tolist() == [7, 6, 5]
+
+
+def test_a_tree_cut_to_its_root_still_teaches_depth_one():
+    """The cost model may keep none of the drafted nodes (the rate fell too low to pay); the drafter then checks
+    its first choice against the target's token, so the rate can recover instead of staying low for good."""
+    from treespec.tree.token_tree import TokenTree
+    d = NgramDrafter(DrafterConfig("ngram", prompt_lookup_min=1, prompt_lookup_max=2), 0)
+    req = _Req("a", [5, 1, 2, 3, 5, 1])
+    batch = [DraftRequest(req, 16, 4, DraftSampling.DETERMINISTIC, None)]
+    d.depth_rate[0] = 0.05
+    assert d.propose(batch)[0].tokens[1] == 2  # first choice after [5, 1]: 2
+    d.observe(batch, [TokenTree.root(1)], [VerifyResult(path=[0], bonus_token=2)])  # the target emitted it
+    assert abs(d.depth_rate[0] - (0.9 * 0.05 + 0.1)) < 1e-9
+    d.observe(batch, [TokenTree.root(1)], [VerifyResult(path=[0], bonus_token=2)])  # each proposal counts once
+    assert abs(d.depth_rate[0] - (0.9 * 0.05 + 0.1)) < 1e-9
+    d.propose(batch)
+    d.observe(batch, [TokenTree.root(1)], [VerifyResult(path=[0], bonus_token=7)])  # a miss
+    assert abs(d.depth_rate[0] - 0.9 * (0.9 * 0.05 + 0.1)) < 1e-9

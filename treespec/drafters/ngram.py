@@ -64,12 +64,20 @@ class NgramDrafter(ConfiguredDrafter):
         if cfg.corpus:
             self.corpus = _load_corpus(Path(cfg.corpus), tokenizer, cfg)
         self.depth_rate = [0.5] * 64  # P(node at depth d accepted | parent accepted), running estimate
+        self.first_choice: dict[str, int] = {}  # request -> the depth-1 token its latest tree ranks first
 
     # ---- protocol -------------------------------------------------------------------------------------------
     def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
         return [self._propose_one(d) for d in batch]
 
     def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:
+        """Update the per-depth rates from the verified trees. A tree the cost model cut to its root still teaches
+        depth 1: its first choice against the token the target emitted. Without that, a rate that fell below what
+        a node must reach to pay would never be observed again, and the drafter would stay silent for good."""
+        for d, tree, res in zip(batch, trees, results):
+            choice = self.first_choice.pop(d.request.request_id, None)
+            if tree.n <= 1 and choice is not None:
+                self.depth_rate[0] = 0.9 * self.depth_rate[0] + 0.1 * float(choice == res.bonus_token)
         for tree, res in zip(trees, results):
             if tree.n <= 1:
                 continue
@@ -81,6 +89,7 @@ class NgramDrafter(ConfiguredDrafter):
 
     def release(self, request) -> None:
         self.own.pop(request.request_id, None)
+        self.first_choice.pop(request.request_id, None)
         if request.finished and request.output_ids:  # what the engine generated joins database (2), once
             self._remember(request.all_ids)
 
@@ -102,7 +111,11 @@ class NgramDrafter(ConfiguredDrafter):
                 break
             have = {tuple(c) for c, _ in conts}
             conts += [(c, n) for c, n in db.continuations(ctx, depth, limit - len(conts)) if tuple(c) not in have]
-        return self._trie(r.root_token, conts, d.max_nodes)
+        tree = self._trie(r.root_token, conts, d.max_nodes)
+        if tree.n > 1:  # the root's best-scored child
+            first = tree.children(0)
+            self.first_choice[r.request_id] = int(tree.tokens[max(first, key=lambda c: float(tree.scores[c]))])
+        return tree
 
     def _trie(self, root: int, conts: list[tuple[list[int], int]], max_nodes: int) -> TokenTree:
         """Merge continuations into a trie (plain lists, one TokenTree at the end: this runs every step).
