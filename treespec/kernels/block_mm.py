@@ -56,7 +56,7 @@ _SOURCE = Path(__file__).with_name("block_mm.cpp")
 _HEADER = Path(__file__).with_name("lanes.h")  # shared by the kernels; its hash is a build flag, so an edit rebuilds
 # -ffp-contract=off keeps `scale * q - min` two roundings, as the reference rounds it
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
-NO_MIN = torch.empty(0)  # the kernel's "no min" (symmetric types)
+_NO_MIN = torch.empty(0)
 STALE_LOCK_S = 600.0  # a kernel builds in about a minute; a lock file older than this is a killed build's
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,17 @@ def _drop_stale_lock(build_dir: Path) -> None:
 def block_mm(x: torch.Tensor, w: PackedBlocks, ext: ModuleType | None = None) -> torch.Tensor:  # x: [T, in] fp32
     """x @ W^T -> [T, out] with W = w dequantized; each row's result is independent of the other rows (bitwise).
     ext: a particular build (variant()), else this CPU's."""
+    return block_mm_parts(x, w.q, w.scale, w.min, w.group, ext)
+
+
+def block_mm_parts(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None, group: int,
+                   ext: ModuleType | None = None) -> torch.Tensor:  # x: [T, in] fp32 -> [T, out]
+    """block_mm of the PackedBlocks (q, scale, mins, group), taking its parts: a module holding them as buffers
+    builds no PackedBlocks per call (a decode step makes 72 of these calls)."""
     ext = ext or compiled()
     if ext is None:
-        return reference_mm(x, w)
-    return ext.block_mm(x.contiguous(), w.q, w.scale, NO_MIN if w.min is None else w.min, w.group)
+        return reference_mm(x, PackedBlocks(q, scale, mins, group))
+    return ext.block_mm(x.contiguous(), q, scale, _NO_MIN if mins is None else mins, group)
 
 
 def reference_mm(x: torch.Tensor, w: PackedBlocks) -> torch.Tensor:  # x: [T, in] -> [T, out]
