@@ -49,19 +49,44 @@ struct Blocks {
   const float* x;       // [T, K]
   int64_t T, N, K;
 
-  // Row n's 32 packed codes of group g as int8 in two registers: codes 0-15, codes 16-31 (4 ops).
-  std::pair<__m128i, __m128i> unpack(int64_t n, int64_t g) const {
+#ifdef TREESPEC_WIDE_TILES
+  // Row n's group g of nibble codes, ready to give its weights 8 at a time (k order). AVX-512VL: the group's 16
+  // possible weights scale * c - min (c = 0..15, each rounded as weights8 rounds it) in two registers, and the
+  // codes widened to 32-bit lanes; vpermt2ps reads only an index's low 4 bits, so a lane holding a whole byte
+  // picks its low nibble (codes 0-15) and the byte shifted right by 4 its high one (codes 16-31): 2 ops per 8
+  // weights where converting each code costs 4.
+  struct Nibbles {
+    __m256 low, high;    // the weights of codes 0-7 and 8-15
+    __m256i bytes[2];    // bytes 0-7 and 8-15 of the group, one per lane
+    __m256 operator()(int j) const {  // weights 8j .. 8j + 7
+      const __m256i b = bytes[j % 2];
+      return _mm256_permutex2var_ps(low, j < 2 ? b : _mm256_srli_epi32(b, 4), high);
+    }
+  };
+  Nibbles nibbles(int64_t n, int64_t g, __m256 s, __m256 m) const {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + g * 16));
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 c0 = _mm256_cvtepi32_ps(iota), c1 = _mm256_cvtepi32_ps(_mm256_add_epi32(iota, _mm256_set1_epi32(8)));
+    return {weights_of(c0, s, m), weights_of(c1, s, m),
+            {_mm256_cvtepu8_epi32(v), _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v))}};
+  }
+#else
+  // Row n's group g of nibble codes, ready to give its weights 8 at a time (k order): the 32 codes as int8 in two
+  // registers (codes 0-15, codes 16-31; 4 ops), each 8 converted to fp32 and scaled on demand.
+  struct Nibbles {
+    __m128i lo, hi;
+    __m256 s, m;
+    __m256 operator()(int j) const {
+      const __m128i h = j < 2 ? lo : hi;
+      return weights8(j % 2 ? _mm_unpackhi_epi64(h, h) : h, s, m);
+    }
+  };
+  Nibbles nibbles(int64_t n, int64_t g, __m256 s, __m256 m) const {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + n * (K / 2) + g * 16));
     const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
-    return {lo, hi};
+    return {_mm_and_si128(v, nibble), _mm_and_si128(_mm_srli_epi16(v, 4), nibble), s, m};
   }
-
-  // the 8 codes of chunk j (0-3) of an unpacked group, in the low half
-  static __m128i chunk(const std::pair<__m128i, __m128i>& c, int j) {
-    const __m128i h = j < 2 ? c.first : c.second;
-    return j % 2 ? _mm_unpackhi_epi64(h, h) : h;
-  }
+#endif
   const int8_t* int8_codes(int64_t n, int64_t g) const { return reinterpret_cast<const int8_t*>(q + n * K + g * G); }
   static __m128i load8(const int8_t* c) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)); }
 
@@ -69,7 +94,9 @@ struct Blocks {
   // 4-bit codes: scales have at most 20 significant bits (block_layout.with_bits), so scale * q is exact and one
   // fused multiply-subtract rounds as the product and the subtraction did.
   static __m256 weights8(__m128i q8, __m256 s, __m256 m) {
-    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+    return weights_of(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s, m);
+  }
+  static __m256 weights_of(__m256 q, __m256 s, __m256 m) {  // q: codes as fp32
     if constexpr (HAS_MIN && C == Codes::kNibble) return _mm256_fmsub_ps(s, q, m);
     const __m256 v = _mm256_mul_ps(s, q);
     return HAS_MIN ? _mm256_sub_ps(v, m) : v;
@@ -102,9 +129,9 @@ struct Blocks {
       if constexpr (C != Codes::kInt8) {  // a row's group at a time: its unpacked codes stay in 2 registers
         for (int r = 0; r < NR; ++r) {
           const __m256 s = scale_of(n0 + r, g), m = min_of(n0 + r, g);
-          const auto c = unpack(n0 + r, g);
+          const Nibbles c = nibbles(n0 + r, g, s, m);
           for (int j = 0; j < G / kLanes; ++j) {
-            const __m256 wv = weights8(chunk(c, j), s, m);
+            const __m256 wv = c(j);
             for (int t = 0; t < TR; ++t)
               acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (t0 + t) * K + g * G + j * kLanes), acc[r][t]);
           }
@@ -171,8 +198,8 @@ struct Blocks {
           for (int j = 0; j < G / kLanes; ++j)
             _mm256_storeu_ps(out + j * kLanes, weights8(load8(int8_codes(n0 + r, g) + j * kLanes), s, m));
         } else {
-          const auto c = unpack(n0 + r, g);
-          for (int j = 0; j < G / kLanes; ++j) _mm256_storeu_ps(out + j * kLanes, weights8(chunk(c, j), s, m));
+          const Nibbles c = nibbles(n0 + r, g, s, m);
+          for (int j = 0; j < G / kLanes; ++j) _mm256_storeu_ps(out + j * kLanes, c(j));
         }
       }
   }

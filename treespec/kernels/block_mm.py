@@ -31,6 +31,10 @@ plus a 5th-bit plane cost 145 -> 227 us (gate_up, 1 row) and stays int8. The who
 2 threads, interleaved in one process, machine shared at load ~2), this kernel over 105 MB (Q4_K nibbles, AVX-512VL
 build) vs the AVX2-only int8 kernel before it over 117 MB, ms: 1 row 6.8 vs 7.5, 4 rows 10.3 vs 10.4, 8 rows 16.8 vs
 17.2, 16 rows 27.7 vs 30.9 (outputs bitwise equal). Python and dispatch cost ~1.3 us per call (0.1 ms per step).
+The AVX-512VL build turns nibbles into weights through the group's 16 possible weights (vpermt2ps on the widened
+code bytes: 2 ops per 8 weights instead of 4); the default GGUF's 27 nibble matrices, 1 row, interleaved with the
+previous build in one process, outputs bitwise equal: 2 threads 1.34 -> 1.15 ms per step, 1 thread 2.50 -> 2.08;
+4 rows 1.76 vs 1.78 (multiply-adds bind there).
 
 The kernel is built on first use with torch.utils.cpp_extension (needs a C++ compiler and ninja) and cached
 by torch; where it cannot be built or run (no compiler, no AVX2) `compiled()` is None, `block_mm` computes

@@ -28,6 +28,7 @@ token that could be another product's argmax has a logit here >= top - 2E (softc
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -104,35 +105,35 @@ class Q8Head:
         return tuple(ext.q8_topk(h.float().contiguous(), self.q, self.d, k))
 
     def argmax(self, h: torch.Tensor) -> HeadChoice:  # h: [T, D]
-        """ids = logits(h).argmax(-1) exactly (lowest id on ties), certain where every fp32 product agrees."""
+        """ids = logits(h).argmax(-1) exactly (lowest id on ties), certain where every fp32 product agrees
+        (module docstring). The per-row decisions run on Python floats: a decode step asks for 1-3 rows, where
+        ~20 small tensor ops cost more than the arithmetic."""
         vals, ids = self.topk(h, min(TOP_K, self.q.shape[0]))        # all tokens when the vocabulary is tiny
-        capped_vals = capped(vals, self.softcap)
-        best = capped_vals[:, :1]
-        tied = capped_vals == best                                     # the softcap can merge close values
-        picked = torch.where(tied, ids, torch.iinfo(torch.int64).max).amin(dim=1)
-        top = best[:, 0].clone()
-        # a capped tie that may go beyond the k kept (or NaN logits): the full logits decide
-        beyond = (capped_vals[:, -1] == best[:, 0]) & (vals.shape[1] < self.q.shape[0])
-        unsure = beyond | (ids[:, -1] < 0) | torch.isnan(best[:, 0])
-        for t in unsure.nonzero()[:, 0].tolist():
-            row = self.logits(h[t:t + 1])[0]
-            picked[t], top[t] = row.argmax(), row.max()
-        certain = self._certify(h, vals, ids, picked) & ~unsure
-        return HeadChoice(picked, top, certain)
-
-    def _certify(self, h: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor,
-                 picked: torch.Tensor) -> torch.Tensor:  # -> [T] bool
-        """Whether picked[t] is the argmax of any fp32 product of h[t] with these weights (module docstring)."""
         hd = h.double()
-        err = self.slope * hd.norm(dim=1)                                      # [T]
-        thr = candidate_threshold(vals[:, 0].double(), err, self.softcap)      # [T]
-        near = vals.double() >= thr[:, None]                                   # [T, k]
-        complete = ~near[:, -1] | (vals.shape[1] == self.q.shape[0])          # all candidates are in the k kept
-        certain = torch.isfinite(thr) & complete
-        for t in (certain & (near.sum(dim=1) > 1)).nonzero()[:, 0].tolist():
-            cand = ids[t][near[t]]
-            certain[t] = certified_winner(self.rows_f64(cand), hd[t], cand, self.softcap) == int(picked[t])
-        return certain
+        thr = candidate_threshold(vals[:, 0].double(), self.slope * hd.norm(dim=1), self.softcap).tolist()
+        raw = vals.tolist()
+        rows = zip(raw, capped(vals, self.softcap).tolist() if self.softcap is not None else raw, ids.tolist(), thr)
+        picked, top, certain = [], [], []
+        for t, (v, cv, i, th) in enumerate(rows):
+            best = cv[0]
+            # NaN logits, fewer than k of them, or a capped tie that may go beyond the k kept: the full logits decide
+            if best != best or i[-1] < 0 or (cv[-1] == best and len(v) < self.q.shape[0]):
+                row = self.logits(h[t:t + 1])[0]
+                picked.append(int(row.argmax()))
+                top.append(float(row.max()))
+                certain.append(False)
+                continue
+            choice = min(n for c, n in zip(cv, i) if c == best)        # the softcap can merge close values
+            near = [j for j, x in enumerate(v) if x >= th]              # every token another product could pick
+            sure = math.isfinite(th) and (near[-1] < len(v) - 1 or len(v) == self.q.shape[0])
+            if sure and len(near) > 1:
+                cand = ids[t, near]
+                sure = certified_winner(self.rows_f64(cand), hd[t], cand, self.softcap) == choice
+            picked.append(choice)
+            top.append(best)
+            certain.append(sure)
+        return HeadChoice(torch.tensor(picked, dtype=torch.int64), torch.tensor(top, dtype=torch.float32),
+                          torch.tensor(certain, dtype=torch.bool))
 
 
 def reference_logits(h: torch.Tensor, blocks: PackedBlocks) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32 raw

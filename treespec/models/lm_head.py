@@ -303,10 +303,12 @@ class LMHead:
     def _blocks_argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T]
         """The blocks head's choice where it is certain (every fp32 product's argmax), the screen's elsewhere."""
         choice = self.blocks_head.argmax(h)
+        if bool(choice.certain.all()):
+            self.stats.blocks += h.shape[0]
+            return choice.ids
         picked = choice.ids.clone()
         unsure = (~choice.certain).nonzero()[:, 0]
-        if unsure.numel():
-            picked[unsure] = self._screened_or_exact_argmax(h[unsure], None)
+        picked[unsure] = self._screened_or_exact_argmax(h[unsure], None)
         self.stats.blocks += h.shape[0] - unsure.numel()
         return picked
 
