@@ -1,10 +1,11 @@
-"""Where a plain decode step's time goes, by part, with kernels/decode_ops on and off in one process.
+"""Where a plain decode step's time goes, by part: torch's ops, kernels/decode_ops called from the modules, and
+kernels/decode_stack (the decoder layers in one C++ call), in one process.
 
 Wraps the parts (block products, attention, MLP, RMSNorm, the attention kernel, RoPE, KV writes, masks, the
-decoder-layer glue, the greedy head, the engine step) with process-CPU-time counters (both threads summed: steadier
-than wall time on a shared machine; a 2-thread product counts twice its wall time; `--clock wall` on a quiet one)
-and decodes a completion-form prompt greedily,
-alternating torch's ops ("before") and decode_ops ("after"); per setting the best of `--runs` generations.
+decoder-layer glue, the decoder stack, the greedy head, the engine step) with process-CPU-time counters (both
+threads summed: steadier than wall time on a shared machine; a 2-thread product counts twice its wall time;
+`--clock wall` on a quiet one) and decodes a completion-form prompt greedily, alternating the three settings; per
+setting the best of `--runs` generations. Inside the stack the parts are C++ calls the counters do not see.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python benchmarks/step_profile.py [--weights auto] [--tokens 64]
         [--clock wall]
@@ -22,7 +23,7 @@ from treespec.api import LLM
 from treespec.engine import engine
 from treespec.kernels import decode_ops
 from treespec.kv import cache
-from treespec.models import base, layers, lm_head, quant_blocks
+from treespec.models import base, decode_stack, layers, lm_head, quant_blocks
 from treespec.sampling import SamplingParams
 
 PROMPT = ("Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -59,6 +60,7 @@ def instrument(llm: LLM) -> None:
     decode_ops.qk_norm_rope = counted("q/k norm + RoPE", decode_ops.qk_norm_rope)
     decode_ops.residual_norm = counted("residual + norms", decode_ops.residual_norm)
     decode_ops.act_mul = counted("activation * up", decode_ops.act_mul)
+    decode_stack.DecodeStack.run = counted("decoder layers in one call", decode_stack.DecodeStack.run)
 
 
 def main() -> None:
@@ -77,8 +79,11 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens)
     llm.generate(PROMPT, params)
     kernels = decode_ops.compiled
-    for label, choice in [("before (torch ops)", lambda: None), ("after (decode_ops)", kernels)] * 2:
+    settings = [("torch ops", lambda: None, False), ("decode_ops from the modules", kernels, False),
+                ("decode_stack (the layers in one call)", kernels, True)]
+    for label, choice, stack in settings * 2:
         decode_ops.compiled = choice
+        llm.target.use_decode_stack = stack
         best = None
         for _ in range(args.runs):
             spent.clear()

@@ -1,4 +1,4 @@
-"""Block kernels (kernels/block_mm.cpp) against their reference twin: the `gguf` package's dequantizers and an
+"""Block kernels (kernels/block_mm.h) against their reference twin: the `gguf` package's dequantizers and an
 fp64 product, on random blocks of every supported type; per-row independence; the opt-in model path."""
 from __future__ import annotations
 

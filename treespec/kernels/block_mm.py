@@ -57,7 +57,7 @@ import torch
 from treespec.kernels.block_layout import PackedBlocks, dequantize_packed
 
 _SOURCE = Path(__file__).with_name("block_mm.cpp")
-_HEADER = Path(__file__).with_name("lanes.h")  # shared by the kernels; its hash is a build flag, so an edit rebuilds
+_HEADERS = sorted(Path(__file__).parent.glob("*.h"))  # shared by the kernels; their hash is a build flag: an edit rebuilds
 # -ffp-contract=off keeps `scale * q - min` two roundings, as the reference rounds it
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 _NO_MIN = torch.empty(0)
@@ -112,9 +112,9 @@ def build(source: Path, isa: Isa = Isa.AVX2, flags: tuple[str, ...] = ()) -> Mod
     try:
         from torch.utils import cpp_extension
         _drop_stale_lock(build_dir(name))
-        header = hashlib.sha256(_HEADER.read_bytes()).hexdigest()[:16]
+        header = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
         return cpp_extension.load(name=name, sources=[str(source)],
-                                  extra_cflags=[*_CFLAGS, *isa.value, *flags, f"-DLANES_H={header}"],
+                                  extra_cflags=[*_CFLAGS, *isa.value, *flags, f"-DKERNEL_HEADERS={header}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:  # no compiler or ninja, or a failed build
         first = str(e).splitlines()[0] if str(e) else repr(e)

@@ -1,4 +1,4 @@
-"""RMSNorm, few-row attention and a decoder layer's glue as one C++ call each (decode_ops.cpp), with torch's ops
+"""RMSNorm, few-row attention and a decoder layer's glue as one C++ call each (decode_ops.h), with torch's ops
 as twin and fallback.
 
 Why: at one row (decoding) or a few (a token tree) the fixed cost of torch's ops dominates these two:

@@ -2,7 +2,7 @@
 //
 // Exactness: d (fp16, 11 significant bits) times q (int8, 8 bits) is exact in fp32, so the weights are the
 // dequantized ones bit for bit, and every (t, n) is the same 8-lane FMA chain over k in order plus the same
-// fixed lane sum as block_mm.cpp (its logits equal block_mm's bit for bit). The chain never depends on the row
+// fixed lane sum as block_mm.h (its logits equal block_mm's bit for bit). The chain never depends on the row
 // count, the tile or the thread, so a row's logits and argmax never depend on the other rows of the call.
 //
 // Speed: the head streams once per call as 1 byte per weight plus 2 bytes per 32 (34 bytes per 32 weights, as
@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kGroup = 32;
 constexpr int kTileRows = 4;        // weight rows dequantized together
-constexpr int kDirectMaxRows = 12;  // as block_mm.cpp: up to here re-dequantize per 4 rows, beyond use a buffer
+constexpr int kDirectMaxRows = 12;  // as block_mm.h: up to here re-dequantize per 4 rows, beyond use a buffer
 constexpr int64_t kSlices = 256;    // vocabulary slices, each with its own top-K (fixed: thread-independent)
 constexpr int64_t kAhead = 2;       // tiles of codes fetched ahead (measured: 2 best of 2, 8, 32)
 

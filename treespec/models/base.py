@@ -15,12 +15,14 @@ from treespec.attention.metadata import SeqAttention
 from treespec.errors import ModelLoadError
 from treespec.kv.cache import KVCache
 from treespec.models.config import ModelConfig
+from treespec.models.decode_stack import DecodeStack, signature
 from treespec.models.layers import Embedding, ForwardBatch, HFLoadable, RMSNorm, RotaryTable
 from treespec.models.lm_head import LMHead
 from treespec.models.truncated_head import TruncatedHead
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed here
 _LIST_AT_MOST = 6
+_STACKS_KEPT = 8  # decoder stacks kept per model (the whole model, a self-draft's subsets)
 
 
 class CausalLM(HFLoadable):
@@ -45,6 +47,8 @@ class CausalLM(HFLoadable):
         self.rope_local = (self.rope_full if config.rope_local == config.rope
                            else RotaryTable(config.rope_local, config.head_dim))
         self.lm_head: LMHead | None = None
+        self.use_decode_stack = True  # tests and benchmarks turn it off to run the modules' own forward
+        self._decode_stacks: dict[tuple[int, ...], DecodeStack | None] = {}
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, seqs: list[SeqAttention],
                 blocks: Sequence[torch.nn.Module] | None = None) -> torch.Tensor:
@@ -64,9 +68,25 @@ class CausalLM(HFLoadable):
         full = self.rope_full.lookup(positions, h.dtype)
         local = full if self.rope_local is self.rope_full else self.rope_local.lookup(positions, h.dtype)
         batch = ForwardBatch.build(h, positions, seqs, {False: full, True: local})
-        for block in self.layers if blocks is None else blocks:
+        blocks = self.layers if blocks is None else blocks
+        stack = self.decode_stack(blocks) if batch.cached else None
+        if stack is not None:
+            return stack.run(h, batch)
+        for block in blocks:
             h = block(h, batch)
         return h
+
+    def decode_stack(self, blocks: Sequence[torch.nn.Module]) -> DecodeStack | None:
+        """The blocks as one C++ call (models/decode_stack.py), built once per set of blocks and projections;
+        None where they cannot run there or `use_decode_stack` is off."""
+        if not self.use_decode_stack:
+            return None
+        key = signature(blocks)
+        if key not in self._decode_stacks:
+            if len(self._decode_stacks) >= _STACKS_KEPT:  # a self-draft may try many subsets of the blocks
+                del self._decode_stacks[next(iter(self._decode_stacks))]
+            self._decode_stacks[key] = DecodeStack.build(blocks)
+        return self._decode_stacks[key]
 
     @property
     def device(self) -> torch.device:

@@ -43,6 +43,11 @@ class Gemma3Block(HFLoadable):
         self.self_attn = Attention(cfg, layer, attend)
         self.mlp = MLP(cfg)
 
+    def stack_norms(self) -> tuple[RMSNorm, RMSNorm, RMSNorm, RMSNorm]:
+        """Before attention, before the MLP, after attention, after the MLP (models/decode_stack.py)."""
+        return (self.input_layernorm, self.pre_feedforward_layernorm, self.post_attention_layernorm,
+                self.post_feedforward_layernorm)
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:  # x: [T, D] -> [T, D]
         a = self.self_attn(self.input_layernorm(x), batch)
         post_a, pre_m = self.post_attention_layernorm, self.pre_feedforward_layernorm

@@ -22,6 +22,10 @@ class LlamaBlock(HFLoadable):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # HF's name; it is the pre-MLP norm
         self.mlp = MLP(cfg)
 
+    def stack_norms(self) -> tuple[RMSNorm, RMSNorm, None, None]:
+        """Before attention, before the MLP; no post norms (models/decode_stack.py)."""
+        return self.input_layernorm, self.post_attention_layernorm, None, None
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:  # x: [T, D] -> [T, D]
         h = x + self.self_attn(self.input_layernorm(x), batch)
         return h + self.mlp(self.post_attention_layernorm(h))
