@@ -106,3 +106,14 @@ def test_no_import_cycles():
 
 def test_the_cycle_finder_finds_cycles():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_every_kernels_module_imports_first():
+    """Importing a module runs its package's __init__ too, which the graph above does not see: the kernel modules
+    that reach into models/ (q8_head, bf16_screen) must still import first in a fresh interpreter."""
+    import subprocess
+    import sys
+    for name in sorted(n for n in modules() if n.startswith("treespec.kernels.")):
+        done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True,
+                              cwd=PACKAGE.parent)
+        assert done.returncode == 0, (name, done.stderr[-2000:])

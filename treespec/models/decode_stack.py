@@ -7,7 +7,7 @@ modules' own forward, which stays the stack's twin.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,9 @@ from torch import nn
 from treespec.attention.sdpa import fast_attention
 from treespec.kernels import decode_stack
 from treespec.models.layers import Attention, ForwardBatch, MLP
-from treespec.models.quant_blocks import BlockQuantLinear
+
+if TYPE_CHECKING:
+    from treespec.models.quant_blocks import BlockQuantLinear
 
 _EMPTY = torch.empty(0)
 _NO_MASK = torch.empty(0, dtype=torch.bool)
@@ -51,6 +53,7 @@ class DecodeStack:
     @classmethod
     def build(cls, blocks: Sequence[nn.Module]) -> "DecodeStack | None":
         """None unless every block can run in the stack (module docstring) and the stack is built here."""
+        from treespec.models.quant_blocks import BlockQuantLinear  # it imports the kernels, which import this package
         ext = decode_stack.compiled()
         if ext is None or not blocks or not all(hasattr(b, "stack_norms") and products(b) for b in blocks):
             return None
