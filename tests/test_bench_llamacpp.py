@@ -105,3 +105,12 @@ def test_every_engine_decodes_as_far_as_plain_up_to_its_end_of_text(llm, prompts
         assert [len(o) for o in run.outputs] == expected, run.name
     assert out.treespec[1].outputs == out.treespec[0].outputs == [o[:n] for o, n in zip(free, expected)]
     assert "up to its end of text" in out.markdown()
+
+
+def test_a_speculative_method_is_checked_against_plain(llm, prompts, monkeypatch):
+    """Each --method's greedy tokens are compared with treespec plain's: the lossless contract, in the table."""
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    out = compare_ar(llm, prompts, MAX_TOKENS, {"plain": None, "ngram": {"method": "ngram"}}, with_hf=False)
+    assert list(out.exact) == ["treespec ngram"]
+    assert out.exact["treespec ngram"] == Agreement(2, 2, 2 * MAX_TOKENS, 2 * MAX_TOKENS)
+    assert "greedy tokens, treespec ngram vs treespec plain: 2/2 outputs equal" in out.markdown()

@@ -18,6 +18,7 @@ class ArComparison:
     llama_cpp_note: str                           # its version and threads, or why it is absent
     hf: ArResult | None = None
     agreement: dict[str, Agreement] = field(default_factory=dict)  # treespec run -> vs llama.cpp's tokens
+    exact: dict[str, Agreement] = field(default_factory=dict)      # each --method's run -> vs treespec plain's
 
     def markdown(self) -> str:
         base = self.llama_cpp.tokens_per_s if self.llama_cpp else 0.0
@@ -29,6 +30,7 @@ class ArComparison:
         lines.append("\nevery engine decodes each prompt for as many tokens as treespec plain's output has, up to its end "
                      "of text (at most --max-tokens)")
         lines.append(f"llama.cpp: {self.llama_cpp_note}")
+        lines += [f"greedy tokens, {name} vs treespec plain: {a}" for name, a in self.exact.items()]
         lines += [f"greedy tokens, {name} vs llama.cpp: {a}" for name, a in self.agreement.items()]
         if self.hf is not None:
             plain = self.treespec[0]
@@ -63,6 +65,8 @@ def compare_ar(llm: LLM, prompts: list[list[int]], max_tokens: int, methods: dic
         if theirs is not None:
             theirs.add(run_llama_cpp(cpp, [ids], budget))
     out = ArComparison(list(ours.values()), theirs, note)
+    plain = out.treespec[0]
+    out.exact = {r.name: Agreement.of(r.outputs, plain.outputs) for r in out.treespec[1:]}
     if theirs is not None:
         out.agreement = {r.name: Agreement.of(r.outputs, theirs.outputs) for r in out.treespec}
     if with_hf:
