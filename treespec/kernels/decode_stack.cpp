@@ -46,20 +46,25 @@ class Stack {
   Stack(std::vector<Layer> layers, int64_t heads, int64_t kv_heads, int64_t head_dim, double scale, int64_t act,
         bool sandwich)
       : layers_(std::move(layers)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), scale_(scale),
-        act_(act), sandwich_(sandwich) {}
+        act_(act), sandwich_(sandwich) {
+    for (const Layer& L : layers_) {
+      TORCH_CHECK(L.rope == 0 || L.rope == 1, "layer RoPE table out of range");
+      TORCH_CHECK(L.window >= 0, "layer window index out of range");
+      windows_ = std::max(windows_, L.window + 1);
+    }
+  }
 
   // x: [T, D] fp32 (the embeddings or the previous stage's output), cos, sin: per table [T, 1, hd] -> [T, D]
   torch::Tensor run(torch::Tensor x, const std::vector<torch::Tensor>& cos, const std::vector<torch::Tensor>& sin,
                     const std::vector<Seq>& seqs) const {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat, "x: [T, D] fp32");
     TORCH_CHECK(cos.size() == 2 && sin.size() == 2, "one cos and sin table per RoPE kind");
+    for (const Seq& s : seqs)
+      TORCH_CHECK(static_cast<int64_t>(s.first.size()) >= windows_ && s.first.size() == s.mask.size(),
+                  "a request lacks the mask of a layer's window");
     x = x.contiguous();
     const int64_t T = x.size(0);
     for (const Layer& L : layers_) {
-      TORCH_CHECK(static_cast<size_t>(L.rope) < 2, "layer RoPE table out of range");
-      for (const Seq& s : seqs)
-        TORCH_CHECK(static_cast<size_t>(L.window) < s.first.size() && s.first.size() == s.mask.size(),
-                    "a request lacks the mask of a layer's window");
       const auto qkv = L.qkv(rms_norm(x, L.norm_in, L.eps));
       const auto qk = qk_norm_rope(qkv, L.qk_norm, L.qk_eps, cos[L.rope], sin[L.rope], heads_ + kv_heads_);
       auto out = torch::empty({T, heads_ * head_dim_}, x.options());
@@ -88,6 +93,7 @@ class Stack {
   double scale_;
   int64_t act_;
   bool sandwich_;
+  int64_t windows_ = 0;                     // masks each request must bring: one per distinct window index
   torch::Tensor none_ = torch::empty({0});  // "no second norm" for residual_norm
 };
 

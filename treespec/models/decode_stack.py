@@ -45,10 +45,10 @@ def _plain(w: torch.Tensor) -> bool:
 class DecodeStack:
     """The blocks as kernels/decode_stack.cpp layers; `run` is their forward on a ForwardBatch with `cached` set."""
 
-    def __init__(self, layers: list, windows: list[int | None], attn: Attention, act: int, sandwich: bool) -> None:
-        self.windows = windows
-        self.stack = decode_stack.compiled().Stack(layers, attn.heads, attn.kv_heads, attn.head_dim, attn.scale,
-                                                   act, sandwich)
+    def __init__(self, ext, layers: list, windows: list[int | None], attn: Attention, act: int,
+                 sandwich: bool) -> None:
+        self.windows, self.seq = windows, ext.Seq
+        self.stack = ext.Stack(layers, attn.heads, attn.kv_heads, attn.head_dim, attn.scale, act, sandwich)
 
     @classmethod
     def build(cls, blocks: Sequence[nn.Module]) -> "DecodeStack | None":
@@ -58,29 +58,30 @@ class DecodeStack:
         if ext is None or not blocks or not all(hasattr(b, "stack_norms") and products(b) for b in blocks):
             return None
         parts = [products(b) for b in blocks]
+        norms_of = [b.stack_norms() for b in blocks]
         attn0, mlp0 = parts[0][0], parts[0][1]
-        sandwich = blocks[0].stack_norms()[2] is not None
+        sandwich = norms_of[0][2] is not None
         shape = lambda a, m: (a.heads, a.kv_heads, a.head_dim, a.scale, m.act_code)  # noqa: E731
-        eps = blocks[0].stack_norms()[0].eps
-        for b, (attn, mlp, *projs) in zip(blocks, parts):
-            norms = b.stack_norms()
+        eps = norms_of[0][0].eps
+        for norms, (attn, mlp, *projs) in zip(norms_of, parts):
             if not (isinstance(attn, Attention) and isinstance(mlp, MLP) and attn.attend is fast_attention
                     and attn.head_dim % 16 == 0 and shape(attn, mlp) == shape(attn0, mlp0)
                     and (norms[2] is not None) == sandwich and all(isinstance(p, BlockQuantLinear) for p in projs)
                     and all(n is None or _plain(n.weight) and n.eps == eps for n in norms)):
                 return None
         windows = sorted({p[0].window for p in parts}, key=lambda w: -1 if w is None else w)
-        layers = [cls._layer(ext, b, attn, projs, windows) for b, (attn, _, *projs) in zip(blocks, parts)]
-        return cls(layers, windows, attn0, mlp0.act_code, sandwich)
+        layers = [cls._layer(ext, norms, attn, projs, windows) for norms, (attn, _, *projs) in zip(norms_of, parts)]
+        return cls(ext, layers, windows, attn0, mlp0.act_code, sandwich)
 
     @staticmethod
-    def _layer(ext, block: nn.Module, attn: Attention, projs: list[BlockQuantLinear], windows: list[int | None]):
-        """One block as a kernels/decode_stack.cpp Layer, holding (not copying) its tensors."""
+    def _layer(ext, norms: tuple, attn: Attention, projs: list[BlockQuantLinear], windows: list[int | None]):
+        """One block (its stack_norms, attention and projections) as a kernels/decode_stack.cpp Layer, holding (not
+        copying) its tensors."""
         def product(p: BlockQuantLinear):
             b = p._buffers
             return ext.Product(b["q"], b["scale"], _EMPTY if b["min"] is None else b["min"],
                                _EMPTY if p.bias is None else p.bias.detach(), p.group)
-        norm_in, norm_mid, post_attn, post_mlp = block.stack_norms()
+        norm_in, norm_mid, post_attn, post_mlp = norms
         weight = lambda n: _EMPTY if n is None else n.weight.detach()  # noqa: E731
         qk = attn.qk_norm
         return ext.Layer(*map(product, projs), weight(norm_in), weight(norm_mid), weight(post_attn),
@@ -92,7 +93,7 @@ class DecodeStack:
         seqs = []
         for r, s in enumerate(batch.seqs):
             masks = [batch.mask(r, w) for w in self.windows]
-            seqs.append(decode_stack.compiled().Seq(
+            seqs.append(self.seq(
                 s.start, s.n, s.cache.visible - s.n, s.cache.k, s.cache.v, [first for _, first in masks],
                 [_NO_MASK if m is None else m for m, _ in masks]))
         (cos_full, sin_full), (cos_local, sin_local) = batch.rope[False], batch.rope[True]
