@@ -1,6 +1,7 @@
-"""The AVX512_BF16 screen over a Q8_0 head (kernels/bf16_screen.py): its logits against a float64 twin, its error
-bound against exact products, and LMHead's argmax through it against the dequantized fp32 argmax (random heads,
-constructed ties and near-ties, outlier channels, non-finite states), then end to end in blocks mode."""
+"""The AVX512_BF16 screen over a Q8_0 head (kernels/bf16_screen.py): its values against a float64 twin, its fused
+top-k against a sort of them, its error bound against exact products, and LMHead's argmax through it against the
+dequantized fp32 argmax (random heads, constructed ties and near-ties, outlier channels, non-finite states), then
+end to end in blocks mode."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +17,10 @@ from treespec.kernels import bf16_screen
 from treespec.kernels.bf16_screen import Bf16Screen, reference_screen
 from treespec.kernels.block_layout import PackedBlocks, dequantize_packed, pack
 from treespec.kernels.q8_head import Q8Head
-from treespec.models.lm_head import LMHead, block_maxima, gamma
+from treespec.models.lm_head import LMHead, gamma
 
 needs_bf16 = pytest.mark.skipif(bf16_screen.compiled() is None, reason="no AVX512_BF16 (or no compiler) here")
-ROWS = (1, 2, 4, 5, 17)
+ROWS = (1, 2, 4, 5, 9, 17)
 
 
 def random_head(vocab: int, dim: int, seed: int = 0) -> Q8Head:
@@ -55,18 +56,21 @@ def test_no_screen_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_bf16
 @pytest.mark.parametrize("vocab,dim", [(1001, 64), (4099, 640), (3, 640)])
-def test_logits_match_the_twin_and_maxima_match_block_maxima(vocab: int, dim: int) -> None:
+def test_values_match_the_twin_and_topk_matches_their_sort(vocab: int, dim: int) -> None:
     q8 = random_head(vocab, dim, seed=vocab)
     screen = Bf16Screen(q8)
+    k = min(8, vocab)
     for rows in ROWS:
         h = states(rows, dim, seed=rows, outliers=rows == 5)
-        s, maxima = screen.scan(h)
+        s = screen.logits(h)
         twin = reference_screen(h, q8)
         # the kernel sums exact bf16 products in fp32: within gamma_2D |w~| |h~| of the float64 twin
         slack = gamma(2 * dim) * screen.rounded_norm * h.bfloat16().double().norm(dim=1, keepdim=True)
         assert ((s.double() - twin).abs() <= slack).all()
-        assert torch.equal(maxima, block_maxima(s))
-        assert torch.equal(s[-1:], screen.scan(h[-1:])[0])  # a row's values do not depend on the other rows
+        assert torch.equal(s[-1:], screen.logits(h[-1:]))  # a row's values do not depend on the other rows
+        vals, ids = bf16_screen.compiled().bf16_topk(h.bfloat16(), q8.q, q8.d, k)
+        order = s.sort(dim=1, descending=True, stable=True)  # lowest id first among equal values
+        assert torch.equal(vals, order.values[:, :k]) and torch.equal(ids, order.indices[:, :k])
 
 
 @needs_bf16
@@ -74,14 +78,14 @@ def test_values_do_not_depend_on_the_thread_count() -> None:
     q8 = random_head(3001, 640, seed=6)
     screen = Bf16Screen(q8)
     h = states(9, 640, seed=3)
-    many = screen.scan(h)
+    many = screen.logits(h), bf16_screen.compiled().bf16_topk(h.bfloat16(), q8.q, q8.d, 8)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = screen.scan(h)
+        one = screen.logits(h), bf16_screen.compiled().bf16_topk(h.bfloat16(), q8.q, q8.d, 8)
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(many, one))
+    assert torch.equal(many[0], one[0]) and all(torch.equal(a, b) for a, b in zip(many[1], one[1]))
 
 
 @needs_bf16
@@ -102,7 +106,7 @@ def test_the_bound_holds_against_fp32_and_exact_products(outliers: bool) -> None
     screen = Bf16Screen(q8)
     w = dequantize_packed(q8.blocks)
     h = states(33, 640, seed=9, outliers=outliers)
-    s = screen(h).double()
+    s = screen.logits(h).double()
     bound = screen.error(h).unsqueeze(1)
     used = (s - h.double() @ w.double().t()).abs()
     assert (used <= bound).all() and (s - (h @ w.t()).double()).abs().le(bound).all()
@@ -124,7 +128,7 @@ def test_argmax_is_the_dequantized_fp32_argmax(vocab: int, dim: int) -> None:
 def test_near_ties_are_rescored_and_exact_ties_fall_back() -> None:
     """Row 40 outweighs the others (scales 0.05 vs ~0.01); 700, 2100 and 41 are copies of it (41 with one code
     changed in a block scaled 2^-20: below fp32 noise), 42 with code 64 one step higher. With h along row 40
-    (h[64] = 0) they tie (the exact fallback decides); with h[64] raised, 42 wins by ~100, inside the screen's
+    (h[64] = 0) they tie (the screen leaves such rows uncertain, the exact logits decide); with h[64] raised, 42 wins by ~100, inside the screen's
     error (about a thousand here) but far outside fp32 noise: float64 rescoring decides."""
     q8 = random_head(2500, 640, seed=3)
     q, d = q8.q.clone(), q8.d.clone()
@@ -142,14 +146,14 @@ def test_near_ties_are_rescored_and_exact_ties_fall_back() -> None:
     raised = along.clone()
     raised[64] = 2000.0
     for name, h in {"tie": along, "rescored": raised}.items():
-        before = (lm.stats.rescored, lm.stats.fallbacks)
+        before = (lm.stats.rescored, lm.stats.exact)
         batch = torch.stack([h, states(1, 640, seed=1)[0], h, states(1, 640, seed=2)[0]])
         got = lm.argmax(batch)
         assert torch.equal(got, lm.logits(batch).argmax(-1)), name
         if name == "rescored":
-            assert got[0] == 42 and lm.stats.rescored >= before[0] + 2 and lm.stats.fallbacks == before[1]
+            assert got[0] == 42 and lm.stats.rescored >= before[0] + 2 and lm.stats.exact == before[1]
         else:
-            assert got[0] == 40 and lm.stats.fallbacks == before[1] + 1
+            assert got[0] == 40 and lm.stats.exact == before[1] + 2
 
 
 @needs_bf16

@@ -2,11 +2,12 @@
 // (d * q is exact in fp32, then one round to nearest even), x~ the caller's bf16 activations, and the products
 // summed by vdpbf16ps in fp32 (the error bound is in bf16_screen.py).
 //
-// Speed: a tile of kTileRows weight rows is dequantized to bf16 once (into a small buffer) and used
+// Speed: a tile of kTopRows weight rows is rounded to bf16 kTileRows at a time (into a small buffer) and used
 // for every activation row, kRowTile rows at a time in registers, so from a few rows the cost is one vdpbf16ps
-// per 32 multiply-adds (fp32 FMAs do 16) over half the bytes of an fp32 weight. Alongside the logits the kernel
-// writes each row's maximum over every run of kBlock ids (lm_head.block_maxima's blocks; NaN propagates), so
-// the caller finds its candidates without another pass over [T, V].
+// per 32 multiply-adds (fp32 FMAs do 16) over half the bytes of an fp32 weight; one activation row rounds the
+// weights in registers instead. `topk` keeps each row's best values while it goes (topk.h), as the Q8_0 head
+// does, instead of writing 262144 values per row. Each (t, n) is one fixed chain (one accumulator over the
+// groups in order, then one reduction), whatever T, the path, the thread count or the other rows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -15,17 +16,18 @@
 #include <vector>
 
 #include "lanes.h"
+#include "topk.h"
 
 namespace {
 
 constexpr int kGroup = 32;      // Q8_0 block, and the 32 bf16 of one zmm
-// weight rows dequantized together x activation rows per register tile; measured on the real head, 1 thread,
+// weight rows rounded together x activation rows per register tile; measured on the real head, 1 thread,
 // ms at 4 / 8 / 16 rows: 2 x 8 19.8 / 30.1 / 51.4, 4 x 4 25.9 / 42.1 / 59.5, 2 x 12 19.8 / 30.2 / 59.4,
 // 8 x 3 31.0 / 41.4 / 60.0, 1 x 16 21.2 / 32.0 / 65.3
 constexpr int kTileRows = 2;
 constexpr int kRowTile = 8;
-constexpr int64_t kBlock = 256; // ids per block maximum (models/lm_head.py _BLOCK)
-constexpr int64_t kAhead = 2;   // weight tiles fetched ahead
+constexpr int kTopRows = 8;     // weight rows per tile of a slice (topk.h)
+constexpr int64_t kAhead = 2;   // tiles fetched ahead
 
 struct Screen {
   const int8_t* q;      // [N, K]
@@ -42,27 +44,50 @@ struct Screen {
     for (; g + 16 <= groups; g += 16)
       _mm512_storeu_ps(scales + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dn + g))));
     for (; g < groups; ++g) scales[g] = _cvtsh_ss(dn[g]);
-    for (g = 0; g < groups; ++g) {
-      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + g * kGroup));
-      const __m512 s = _mm512_set1_ps(scales[g]);
-      const __m512 lo = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes))));
-      const __m512 hi = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1))));
-      out[g] = _mm512_cvtne2ps_pbh(hi, lo);  // elements 0..15 from lo, 16..31 from hi
+    for (g = 0; g < groups; ++g) out[g] = rounded(n, g, _mm512_set1_ps(scales[g]));
+  }
+
+  // bf16(s * q) of weight row n's group g (s: its scale, broadcast), lanes in k order
+  __m512bh rounded(int64_t n, int64_t g, __m512 s) const {
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * K + g * kGroup));
+    const __m512 lo = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(codes))));
+    const __m512 hi = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(codes, 1))));
+    return _mm512_cvtne2ps_pbh(hi, lo);  // elements 0..15 from lo, 16..31 from hi
+  }
+
+  // During group g of rows n..n+nr (nr * K contiguous codes), fetch group g's share of the same rows kAhead
+  // tiles further on, and their scales at the first group (as q8_head.cpp; the hardware prefetcher alone does
+  // not keep up with several interleaved row reads).
+  void prefetch_share(int64_t n, int nr, int64_t g) const {
+    n = std::min(n + kAhead * kTopRows, N - nr);
+    const char* codes = reinterpret_cast<const char*>(q + n * K) + g * nr * kGroup;
+    for (int line = 0; line < nr * kGroup; line += 64) prefetch(codes + line);
+    if (g == 0)
+      for (int line = 0; line < nr * (K / kGroup) * 2; line += 64)
+        prefetch(reinterpret_cast<const char*>(d + n * (K / kGroup)) + line);
+  }
+
+  // out[t][c + r] = s of activation row t and weight rows n0.. (NR), rounding the weights in registers (the same
+  // bf16 values as dequantize())
+  template <int NR>
+  __attribute__((noinline)) void direct_tile(int64_t n0, int64_t t, float out[][kTopRows], int c) const {
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    const int64_t groups = K / kGroup;
+    for (int64_t g = 0; g < groups; ++g) {
+      prefetch_share(n0, NR, g);
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + t * K + g * kGroup);
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh w = rounded(n0 + r, g, _mm512_set1_ps(_cvtsh_ss(d[(n0 + r) * groups + g])));
+        acc[r] = _mm512_dpbf16_ps(acc[r], w, xv);
+      }
     }
+    for (int r = 0; r < NR; ++r) out[t][c + r] = _mm512_reduce_add_ps(acc[r]);
   }
 
-  void prefetch_ahead(int64_t n0) const {
-    const int64_t n = std::min(n0 + kAhead * kTileRows, N - kTileRows);
-    if (n < 0) return;
-    const char* codes = reinterpret_cast<const char*>(q + n * K);
-    for (int64_t line = 0; line < kTileRows * K; line += 64) prefetch(codes + line);
-    const char* scales = reinterpret_cast<const char*>(d + n * (K / kGroup));
-    for (int64_t line = 0; line < kTileRows * (K / kGroup) * 2; line += 64) prefetch(scales + line);
-  }
-
-  // out[t0 + t][r] = s for activation rows t0.. (TR of them) and the kTileRows dequantized rows in w
+  // out[t0 + t][c + r] for activation rows t0.. (TR of them) and the kTileRows rounded rows in w
   template <int TR>
-  __attribute__((noinline)) void tile(const __m512bh* w, int64_t t0, float out[][kTileRows]) const {
+  __attribute__((noinline)) void tile(const __m512bh* w, int64_t t0, float out[][kTopRows], int c) const {
     __m512 acc[kTileRows][TR];
     for (int r = 0; r < kTileRows; ++r)
       for (int t = 0; t < TR; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -75,77 +100,93 @@ struct Screen {
         for (int t = 0; t < TR; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], w[r * groups + g], xv[t]);
     }
     for (int r = 0; r < kTileRows; ++r)
-      for (int t = 0; t < TR; ++t) out[t0 + t][r] = _mm512_reduce_add_ps(acc[r][t]);
+      for (int t = 0; t < TR; ++t) out[t0 + t][c + r] = _mm512_reduce_add_ps(acc[r][t]);
   }
 
   // the last T - t0 (< kRowTile) rows in one tile
   template <int TR>
-  void rest(const __m512bh* w, int64_t t0, float out[][kTileRows]) const {
+  void rest(const __m512bh* w, int64_t t0, float out[][kTopRows], int c) const {
     if constexpr (TR > 0) {
-      if (T - t0 == TR) tile<TR>(w, t0, out);
-      else rest<TR - 1>(w, t0, out);
+      if (T - t0 == TR) tile<TR>(w, t0, out, c);
+      else rest<TR - 1>(w, t0, out, c);
     }
   }
 
-  // ids [n_begin, n_end) (one block): logits into s [T, N], the block's max into m [T, B] at column b
-  void block(int64_t n_begin, int64_t n_end, int64_t b, int64_t B, float* s, float* m,
-             __m512bh* w, float* scales, float out[][kTileRows]) const {
+  // out[t][0..kTopRows) for the kTopRows weight rows from n0: one activation row in registers; more from the
+  // weights rounded kTileRows rows at a time into w (kTopRows * K / 32 vectors; scales: K / 32 scratch). Rounding
+  // all kTopRows rows first measured ~10% slower at 2-4 rows (the rounding no longer overlaps the products).
+  void full_tile(int64_t n0, __m512bh* w, float* scales, float out[][kTopRows]) const {
+    if (T == 1) return direct_tile<kTopRows>(n0, 0, out, 0);
     const int64_t groups = K / kGroup;
-    for (int64_t t = 0; t < T; ++t) m[t * B + b] = -std::numeric_limits<float>::infinity();
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
-      const int64_t nr = std::min<int64_t>(kTileRows, n_end - n0);
-      prefetch_ahead(n0);
-      for (int64_t r = 0; r < kTileRows; ++r) {
-        if (r < nr) dequantize(n0 + r, w + r * groups, scales);
-        else std::fill(w + r * groups, w + (r + 1) * groups, (__m512bh)_mm512_setzero_si512());
+    for (int c = 0; c < kTopRows; c += kTileRows) {
+      for (int r = c; r < c + kTileRows; ++r) {
+        for (int64_t g = 0; g < groups; g += 2) prefetch_share(n0 + r, 1, g);  // the row's codes and scales
+        dequantize(n0 + r, w + r * groups, scales);
       }
       int64_t t = 0;
-      for (; t + kRowTile <= T; t += kRowTile) tile<kRowTile>(w, t, out);
-      rest<kRowTile - 1>(w, t, out);
-      for (t = 0; t < T; ++t) {
-        float best = m[t * B + b];
+      for (; t + kRowTile <= T; t += kRowTile) tile<kRowTile>(w + c * groups, t, out, c);
+      rest<kRowTile - 1>(w + c * groups, t, out, c);
+    }
+  }
+
+  // ids [n_begin, n_end) (a slice: whole tiles but at the vocabulary's end): the values into y [T, N], or each
+  // row's top-k into val / id [T, k]
+  void slice(int64_t n_begin, int64_t n_end, float* y, float* val, int64_t* id, int k) const {
+    std::vector<float> store(T * kTopRows);
+    auto out = reinterpret_cast<float (*)[kTopRows]>(store.data());
+    std::vector<__m512bh> w(kTopRows * (K / kGroup));
+    std::vector<float> scales(K / kGroup);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTopRows) {
+      const int64_t nr = std::min<int64_t>(kTopRows, n_end - n0);
+      if (nr == kTopRows) full_tile(n0, w.data(), scales.data(), out);
+      else
+        for (int r = 0; r < nr; ++r)
+          for (int64_t t = 0; t < T; ++t) direct_tile<1>(n0 + r, t, out, r);
+      for (int64_t t = 0; t < T; ++t)
         for (int64_t r = 0; r < nr; ++r) {
-          const float v = out[t][r];
-          s[t * N + n0 + r] = v;
-          if (v > best || v != v) best = (best != best) ? best : v;  // NaN sticks
+          if (y) y[t * N + n0 + r] = out[t][r];
+          else TopK{val + t * k, id + t * k, k}.offer(out[t][r], n0 + r);
         }
-        m[t * B + b] = best;
-      }
     }
   }
 };
 
-}  // namespace
-
-// x: [T, K] bf16, q: [N, K] int8, d: [N, K / 32] fp16 -> ([T, N] fp32 screened logits, [T, ceil(N / 256)] fp32
-// block maxima). Each (t, n) is one fixed chain whatever T, the thread count or the other rows.
-std::vector<torch::Tensor> bf16_screen(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
+Screen make_screen(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& d) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous(), "x: [T, K] bf16 contiguous");
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: [N, K] int8 contiguous");
-  const int64_t T = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t K = x.size(1), N = q.size(0);
   TORCH_CHECK(q.size(1) == K && K % kGroup == 0, "x [T, K], q [N, K], K % 32 == 0");
   TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous() && d.numel() == N * (K / kGroup),
               "d: [N, K / 32] fp16 contiguous");
-  const Screen sc{q.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
-                  reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), T, N, K};
-  const int64_t B = (N + kBlock - 1) / kBlock;
-  auto s = torch::empty({T, N}, x.options().dtype(torch::kFloat));
-  auto m = torch::empty({T, B}, x.options().dtype(torch::kFloat));
-  float* sp = s.data_ptr<float>();
-  float* mp = m.data_ptr<float>();
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512bh> w(kTileRows * (K / kGroup));
-    std::vector<float> scales(K / kGroup);
-    std::vector<float> out_store(std::max<int64_t>(T, 1) * kTileRows);
-    auto out = reinterpret_cast<float (*)[kTileRows]>(out_store.data());
-    for (int64_t b = begin; b < end; ++b)
-      sc.block(b * kBlock, std::min(N, (b + 1) * kBlock), b, B, sp, mp, w.data(), scales.data(), out);
+  return Screen{q.data_ptr<int8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()),
+                reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), x.size(0), N, K};
+}
+
+}  // namespace
+
+// x: [T, K] bf16, q: [N, K] int8, d: [N, K / 32] fp16 -> [T, N] fp32 screened values
+torch::Tensor bf16_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
+  const Screen sc = make_screen(x, q, d);
+  auto y = torch::empty({sc.T, sc.N}, x.options().dtype(torch::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      sc.slice(slice_start(s, sc.N, kTopRows), slice_start(s + 1, sc.N, kTopRows), yp, nullptr, nullptr, 0);
   });
-  return {s, m};
+  return y;
+}
+
+// x: [T, K] bf16, q: [N, K] int8, d: [N, K / 32] fp16 -> ([T, k] fp32 screened values best first, [T, k] int64
+// ids) as topk.h orders them, each value bf16_logits' for that (t, n)
+std::vector<torch::Tensor> bf16_topk(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t k) {
+  const Screen sc = make_screen(x, q, d);
+  return sliced_topk(sc.T, sc.N, k, kTopRows, [&](int64_t n_begin, int64_t n_end, float* val, int64_t* id) {
+    sc.slice(n_begin, n_end, nullptr, val, id, static_cast<int>(k));
+  });
 }
 
 // q: [N, K] int8, d: [N, K / 32] fp16 -> [N, 3] float64: per weight row the sums of squares of w~ = bf16(w) (as
-// bf16_screen rounds it), of w - w~ and of w (w = d * q, exact in fp32; the squares summed in float64)
+// the screen rounds it), of w - w~ and of w (w = d * q, exact in fp32; the squares summed in float64)
 torch::Tensor bf16_sums_of_squares(torch::Tensor q, torch::Tensor d) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar && q.is_contiguous(), "q: [N, K] int8 contiguous");
   const int64_t N = q.size(0), K = q.size(1);
@@ -185,5 +226,6 @@ torch::Tensor bf16_sums_of_squares(torch::Tensor q, torch::Tensor d) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_sums_of_squares", &bf16_sums_of_squares, "per row |bf16(w)|^2, |w - bf16(w)|^2, |w|^2 (float64)");
-  m.def("bf16_screen", &bf16_screen, "bf16 screened logits of a Q8_0 head and their block maxima; see bf16_screen.cpp");
+  m.def("bf16_logits", &bf16_logits, "bf16 screened logits of a Q8_0 head; see bf16_screen.cpp");
+  m.def("bf16_topk", &bf16_topk, "each row's k best screened values (lowest id on ties) without writing them");
 }

@@ -1,12 +1,14 @@
 """A greedy screen straight from the Q8_0 head's blocks with AVX512_BF16: the fp16 screen's job at half its bytes.
 
-Why: a verified 16-node tree needs the argmax of 16 rows over the 262144 x 640 head. The exact Q8_0 kernel
+Why: a verified tree needs the argmax of several rows over the 262144 x 640 head. The exact Q8_0 kernel
 (kernels/q8_head.py) is bound by fp32 multiply-adds from 4 rows, and the fbgemm fp16 screen reads a 335 MB
-copy. vdpbf16ps does 32 multiply-adds per instruction; the kernel (bf16_screen.cpp) dequantizes a tile of weight
-rows to bf16 once and uses it for every row, reading only the 179 MB of blocks. LMHead.argmax takes it from
-lm_head.WIDE_SCREEN_FROM_ROWS rows (below that the Q8_0 kernel or the fp16 copy are as fast or faster).
-LMHead (models/lm_head.py) then keeps every token the bound below cannot rule out and rescores those in float64,
-exactly as for the fp16 screen, so the answer is still every fp32 product's argmax (or the exact fallback).
+copy. vdpbf16ps does 32 multiply-adds per instruction; the kernel (bf16_screen.cpp) rounds a tile of weight
+rows to bf16 once and uses it for every row, reading only the 179 MB of blocks, and keeps each row's TOP_K best
+values as it goes (as the Q8_0 head does) instead of writing 262144 per row. LMHead.argmax takes it from
+lm_head.WIDE_SCREEN_FROM_ROWS rows. `argmax` keeps every token the bound below cannot rule out and rescores those
+in float64 (q8_head.certify), so a certain row's answer is every fp32 product's argmax; a row it cannot settle
+(more than TOP_K candidates, a near-tie, non-finite values) is marked uncertain and LMHead decides it the fp16
+screen's way (or from the exact logits).
 
 Bound, per row h and token v (u = 2^-24, gamma_n = n u / (1 - n u), w_v the dequantized row, w~_v = bf16(w_v),
 h~ = bf16(h), both round to nearest even; r_v any fp32 product of w_v and h):
@@ -25,10 +27,12 @@ would drop the dW term but double the instructions per group and row, and the ke
 rows (not measured as a kernel; a microbenchmark here ran vdpbf16ps and vfmadd zmm at the same rate). On real
 hidden states the rounded weights' bound leaves 1 row in 16 with a second candidate (benchmarks/q8_head.py).
 
-Measured (benchmarks/q8_head.py --states real --threads 1 --clock thread, CPU time on the shared 2-core Zen 4,
-ms at 4 / 8 / 16 rows): this screen 20.6 / 31.4 / 53.8, fbgemm fp16 screen 19.4 / 31.9 / 62.8, Q8_0 kernel
-22.2 / 45.5 / 84.8. Without the dequantization (a copy reused; 4 x 4 tiles) it ran ~45 of ~58 ms at 16 rows: vdpbf16ps
-throughput binds, so the 189 MB memory time (~10 ms) is out of reach on this CPU.
+Measured (benchmarks/q8_head.py --states real --threads 2, wall clock, quiet machine, ms at 1 / 2 / 4 / 8 / 16 rows):
+LMHead through this screen 8.9 / 11.1 / 11.2 / 15.5 / 25.5, through the fbgemm fp16 screen 10.9 / 10.1 / 10.6 /
+16.4 / 32.4, the Q8_0 kernel 7.8 / 8.9 / 11.5 / 22.3 / 46.6. The kernel alone: one row ~6.3 (the bf16 rounding,
+~8 vector ops per 32 weights, binds: the Q8_0 kernel's 5.4 is the memory time), then ~1.2 per further row
+(vdpbf16ps throughput). In the engine (auto on the bench's prompts, 4-node trees, three interleaved runs) the head
+of a 4-row step took 11.2-11.5 ms through this screen against 12.4-12.6 through the fp16 copy.
 
 Where the CPU lacks AVX512_BF16 (e.g. AVX2-only CI machines) `compiled()` is None and LMHead keeps the fp16
 screen, with identical answers.
@@ -44,7 +48,7 @@ from types import ModuleType
 import torch
 
 from treespec.kernels.block_mm import build, compiled as block_kernel_compiled
-from treespec.kernels.q8_head import Q8Head
+from treespec.kernels.q8_head import TOP_K, HeadChoice, Q8Head, certify
 from treespec.models.lm_head import gamma
 
 _SOURCE = Path(__file__).with_name("bf16_screen.cpp")
@@ -102,12 +106,16 @@ class Bf16Screen:
             (self.error_norm + self._g * self.exact_norm) * hd.norm(dim=1) + self._flush
         return e * (1.0 + 1e-9)
 
-    def scan(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # h: [T, D] -> [T, V], [T, ceil(V/256)]
-        """The screened logits and their per-256-id block maxima (lm_head.block_maxima of them)."""
-        return tuple(compiled().bf16_screen(h.bfloat16().contiguous(), self.head.q, self.head.d))
+    def logits(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32
+        """Every screened value (tests and benchmarks; argmax() never writes them)."""
+        return compiled().bf16_logits(h.bfloat16().contiguous(), self.head.q, self.head.d)
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32
-        return self.scan(h)[0]
+    def argmax(self, h: torch.Tensor) -> HeadChoice:  # h: [T, D]
+        """Each row's certified greedy choice (every fp32 product's argmax) where the kept top values settle it;
+        the other rows are marked uncertain (their ids are only the screen's pick)."""
+        vals, ids = compiled().bf16_topk(h.bfloat16().contiguous(), self.head.q, self.head.d,
+                                         min(TOP_K, self.head.q.shape[0]))
+        return certify(self.head, h, vals, ids, self.error(h), own=False)
 
 
 def reference_screen(h: torch.Tensor, head: Q8Head) -> torch.Tensor:  # h: [T, D] -> [T, V] float64

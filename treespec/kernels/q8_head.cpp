@@ -8,8 +8,7 @@
 // Speed: the head streams once per call as 1 byte per weight plus 2 bytes per 32 (34 bytes per 32 weights, as
 // in the file), and `topk` keeps each row's K best (value, id) while it goes instead of writing 262144 logits
 // per row: one insertion test per logit, and only the first of equal values is kept, so a row's first entry is
-// the argmax with the lowest id on ties. The vocabulary is cut into a fixed number of slices (not one per
-// thread), each with its own top-K, merged in slice order: the answer is the same with any thread count.
+// the argmax with the lowest id on ties, the same with any thread count (topk.h).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -18,29 +17,14 @@
 #include <vector>
 
 #include "lanes.h"
+#include "topk.h"
 
 namespace {
 
 constexpr int kGroup = 32;
 constexpr int kTileRows = 4;        // weight rows dequantized together
 constexpr int kDirectMaxRows = 12;  // as block_mm.h: up to here re-dequantize per 4 rows, beyond use a buffer
-constexpr int64_t kSlices = 256;    // vocabulary slices, each with its own top-K (fixed: thread-independent)
 constexpr int64_t kAhead = 2;       // tiles of codes fetched ahead (measured: 2 best of 2, 8, 32)
-
-// A row's K best logits so far, best first. Offered in increasing id order, an equal value goes after the ones
-// kept before it, so the list is ordered by (value descending, id ascending), like a stable sort.
-struct TopK {
-  float* val;
-  int64_t* id;
-  int k;
-
-  void offer(float v, int64_t n) const {
-    if (!(v > val[k - 1])) return;  // also drops NaN
-    int i = k - 1;
-    while (i > 0 && v > val[i - 1]) { val[i] = val[i - 1]; id[i] = id[i - 1]; --i; }
-    val[i] = v; id[i] = n;
-  }
-};
 
 struct Head {
   const int8_t* q;         // [N, K]
@@ -146,12 +130,6 @@ Head make_head(const torch::Tensor& x, const torch::Tensor& q, const torch::Tens
               x.data_ptr<float>(), x.size(0), N, K};
 }
 
-// the slice boundaries: multiples of the tile, a fixed count whatever the threads
-int64_t slice_start(int64_t s, int64_t N) {
-  const int64_t tiles = (N + kTileRows - 1) / kTileRows;
-  return std::min(N, tiles * s / kSlices * kTileRows);
-}
-
 }  // namespace
 
 // x: [T, K] fp32, q: [N, K] int8, d: [N, K / 32] fp16 -> [T, N] fp32 logits
@@ -161,7 +139,7 @@ torch::Tensor q8_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s)
-      h.slice(slice_start(s, h.N), slice_start(s + 1, h.N), yp, nullptr, nullptr, 0);
+      h.slice(slice_start(s, h.N, kTileRows), slice_start(s + 1, h.N, kTileRows), yp, nullptr, nullptr, 0);
   });
   return y;
 }
@@ -171,25 +149,9 @@ torch::Tensor q8_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
 // Slots never filled (k > N, or NaN logits) hold -inf and id -1.
 std::vector<torch::Tensor> q8_topk(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t k) {
   const Head h = make_head(x, q, d);
-  TORCH_CHECK(k >= 1 && k <= 64, "k in 1..64");
-  const float lowest = -std::numeric_limits<float>::infinity();
-  auto part_val = torch::full({kSlices, h.T, k}, lowest, x.options());
-  auto part_id = torch::full({kSlices, h.T, k}, -1, x.options().dtype(torch::kLong));
-  float* pv = part_val.data_ptr<float>();
-  int64_t* pi = part_id.data_ptr<int64_t>();
-  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      h.slice(slice_start(s, h.N), slice_start(s + 1, h.N), nullptr, pv + s * h.T * k, pi + s * h.T * k, k);
+  return sliced_topk(h.T, h.N, k, kTileRows, [&](int64_t n_begin, int64_t n_end, float* val, int64_t* id) {
+    h.slice(n_begin, n_end, nullptr, val, id, static_cast<int>(k));
   });
-  auto val = torch::full({h.T, k}, lowest, x.options());
-  auto id = torch::full({h.T, k}, -1, x.options().dtype(torch::kLong));
-  for (int64_t t = 0; t < h.T; ++t) {  // slices in vocabulary order: ties keep the lowest id
-    const TopK best{val.data_ptr<float>() + t * k, id.data_ptr<int64_t>() + t * k, static_cast<int>(k)};
-    for (int64_t s = 0; s < kSlices; ++s)
-      for (int64_t i = 0; i < k && pi[(s * h.T + t) * k + i] >= 0; ++i)
-        best.offer(pv[(s * h.T + t) * k + i], pi[(s * h.T + t) * k + i]);
-  }
-  return {val, id};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

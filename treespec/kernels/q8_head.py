@@ -52,10 +52,13 @@ def compiled() -> ModuleType | None:
 
 @dataclass(frozen=True)
 class HeadChoice:
-    """Greedy choice per row: ids [T] int64, top [T] fp32 (its logit, softcapped), certain [T] bool."""
+    """Greedy choice per row: ids [T] int64, top [T] fp32 (its value, softcapped), certain [T] bool; rescored:
+    certain rows decided by float64 rescoring of more than one candidate, candidates: those candidates."""
     ids: torch.Tensor
     top: torch.Tensor
     certain: torch.Tensor
+    rescored: int = 0
+    candidates: int = 0
 
 
 class Q8Head:
@@ -106,34 +109,51 @@ class Q8Head:
 
     def argmax(self, h: torch.Tensor) -> HeadChoice:  # h: [T, D]
         """ids = logits(h).argmax(-1) exactly (lowest id on ties), certain where every fp32 product agrees
-        (module docstring). The per-row decisions run on Python floats: a decode step asks for 1-3 rows, where
-        ~20 small tensor ops cost more than the arithmetic."""
+        (module docstring)."""
         vals, ids = self.topk(h, min(TOP_K, self.q.shape[0]))        # all tokens when the vocabulary is tiny
-        hd = h.double()
-        thr = candidate_threshold(vals[:, 0].double(), self.slope * hd.norm(dim=1), self.softcap).tolist()
-        raw = vals.tolist()
-        rows = zip(raw, capped(vals, self.softcap).tolist() if self.softcap is not None else raw, ids.tolist(), thr)
-        picked, top, certain = [], [], []
-        for t, (v, cv, i, th) in enumerate(rows):
-            best = cv[0]
-            # NaN logits, fewer than k of them, or a capped tie that may go beyond the k kept: the full logits decide
-            if best != best or i[-1] < 0 or (cv[-1] == best and len(v) < self.q.shape[0]):
-                row = self.logits(h[t:t + 1])[0]
-                picked.append(int(row.argmax()))
-                top.append(float(row.max()))
-                certain.append(False)
-                continue
-            choice = min(n for c, n in zip(cv, i) if c == best)        # the softcap can merge close values
-            near = [j for j, x in enumerate(v) if x >= th]              # every token another product could pick
-            sure = math.isfinite(th) and (near[-1] < len(v) - 1 or len(v) == self.q.shape[0])
-            if sure and len(near) > 1:
-                cand = ids[t, near]
-                sure = certified_winner(self.rows_f64(cand), hd[t], cand, self.softcap) == choice
-            picked.append(choice)
+        return certify(self, h, vals, ids, self.slope * h.double().norm(dim=1), own=True)
+
+
+def certify(head: Q8Head, h: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, err: torch.Tensor,
+            own: bool) -> HeadChoice:  # h: [T, D]; vals, ids: [T, k] best first; err: [T] float64
+    """Each row's greedy choice from a kernel's top-k (vals: raw values, ids) whose values are within err of every
+    fp32 product of the head's weights: certain where only one kept token can reach the top, or float64 rescoring
+    of those that can decides. own: the values are the head's own fp32 logits (Q8Head.argmax), so ids must stay
+    their argmax (the full logits decide where the top-k cannot); else (a screen) an uncertain row's id is only
+    the screen's pick. The decisions run on Python floats: a step asks for a few rows, where ~20 small tensor ops
+    per call cost more than the arithmetic."""
+    hd = h.double()
+    softcap, vocab = head.softcap, head.q.shape[0]
+    thr = candidate_threshold(vals[:, 0].double(), err, softcap).tolist()
+    raw = vals.tolist()
+    rows = zip(raw, capped(vals, softcap).tolist() if softcap is not None else raw, ids.tolist(), thr)
+    picked, top, certain, rescored, candidates = [], [], [], 0, 0
+    for t, (v, cv, i, th) in enumerate(rows):
+        best = cv[0]
+        # NaN values, fewer than k of them, or a capped tie that may go beyond the k kept: the top-k cannot decide
+        if best != best or i[-1] < 0 or (cv[-1] == best and len(v) < vocab):
+            if own:
+                row = head.logits(h[t:t + 1])[0]
+                best, i = float(row.max()), [int(row.argmax())]
+            picked.append(i[0])
             top.append(best)
-            certain.append(sure)
-        return HeadChoice(torch.tensor(picked, dtype=torch.int64), torch.tensor(top, dtype=torch.float32),
-                          torch.tensor(certain, dtype=torch.bool))
+            certain.append(False)
+            continue
+        choice = min(n for c, n in zip(cv, i) if c == best)        # the softcap can merge close values
+        near = [j for j, x in enumerate(v) if x >= th]              # every token another product could pick
+        sure = math.isfinite(th) and (near[-1] < len(v) - 1 or len(v) == vocab)
+        if sure and len(near) > 1:
+            cand = ids[t, near]
+            winner = certified_winner(head.rows_f64(cand), hd[t], cand, softcap)
+            sure = winner is not None and (winner == choice or not own)
+            choice = choice if own or winner is None else winner
+            rescored += sure
+            candidates += len(near) if sure else 0
+        picked.append(choice)
+        top.append(best)
+        certain.append(sure)
+    return HeadChoice(torch.tensor(picked, dtype=torch.int64), torch.tensor(top, dtype=torch.float32),
+                      torch.tensor(certain, dtype=torch.bool), rescored, candidates)
 
 
 def reference_logits(h: torch.Tensor, blocks: PackedBlocks) -> torch.Tensor:  # h: [T, D] -> [T, V] fp32 raw

@@ -20,20 +20,22 @@ those instead (kernels/q8_head.py, 179 MB against the screen's 335 MB): a row th
 argmax, so this one's; the rows they leave uncertain (near-ties) take the path above. Where the CPU has
 AVX512_BF16, argmax() of WIDE_SCREEN_FROM_ROWS or more rows (a verified tree) reads those blocks through
 kernels/bf16_screen.py instead of the fp16 copy: the same candidates-and-rescoring argument with that screen's
-own bound E(h). The fp16 copy stays (4-7 rows, sampling, the rows the blocks head leaves uncertain).
+own bound E(h), on each row's best few values. The fp16 copy stays (sampling, the rows either leaves uncertain,
+CPUs without AVX512_BF16).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from treespec.models.matmul import few_rows_linear
 
 if TYPE_CHECKING:
-    from treespec.kernels.q8_head import Q8Head
+    from treespec.kernels.bf16_screen import Bf16Screen
+    from treespec.kernels.q8_head import HeadChoice, Q8Head
 
 _U32 = 2.0 ** -24                 # unit roundoff of fp32
 _U64 = 2.0 ** -53                 # unit roundoff of fp64
@@ -47,9 +49,9 @@ _BLOCK = 256                      # logits per block when looking for candidates
 # 12.0/12.1/12.0/12.4; from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster
 BLOCKS_HEAD_MAX_ROWS = 3
 # from this many rows argmax() takes the bf16 screen over the blocks when it has one (kernels/bf16_screen.py).
-# benchmarks/q8_head.py --states real --threads 1 --clock thread (CPU time; machine shared), ms at 4/6/8/12/16
-# rows: fp16 screen 19.4/24.9/31.9/44.7/62.8, bf16 screen 20.6/27.3/31.4/39.7/53.8, blocks 22.2/36.1/45.5/66.7/84.8
-WIDE_SCREEN_FROM_ROWS = 8
+# In the engine (auto, 4-node trees, interleaved runs) a 4-row head took 11.2-11.5 ms through it against 12.4-12.6
+# through the fp16 copy; benchmarks/q8_head.py, ms at 8 / 16 rows: bf16 15.5 / 25.5, fp16 16.4 / 32.4
+WIDE_SCREEN_FROM_ROWS = 4
 
 
 def gamma(n: int, u: float = _U32) -> float:
@@ -153,16 +155,6 @@ class HeadStats:
     wide: int = 0          # of the screened rows, those through the bf16 screen over the blocks
 
 
-class Screen(Protocol):
-    """Approximate logits with a proven per-row bound: |screen(h)[t, v] - any fp32 product w_v.h[t]| <= error(h)[t]."""
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor: ...  # h: [T, D] -> [T, V] fp32
-
-    def scan(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # -> [T, V], block_maxima [T, B]
-
-    def error(self, h: torch.Tensor) -> torch.Tensor: ...  # h: [T, D] -> [T] float64
-
-
 @dataclass(frozen=True)
 class Fp16Screen:
     """The fbgemm-packed fp16 copy of the head and its error slope (screen error <= slope * |h|)."""
@@ -210,9 +202,9 @@ class LMHead:
         self.softcap = softcap
         self.portable = portable
         self.stats = HeadStats()
-        self.screen: Screen | None = None  # the fp16 copy, built by prepare(); None = exact fp32 path
+        self.screen: Fp16Screen | None = None  # the fp16 copy, built by prepare(); None = exact fp32 path
         self.blocks_head: Q8Head | None = None  # set by use_blocks_head(): argmax of few rows from the blocks
-        self.wide_screen: Screen | None = None  # set by use_blocks_head(): argmax of many rows over the blocks
+        self.wide_screen: Bf16Screen | None = None  # set by use_blocks_head(): argmax of more rows over the blocks
         self.wide_screen_from_rows = WIDE_SCREEN_FROM_ROWS
         self._prepared = False
 
@@ -234,10 +226,10 @@ class LMHead:
             self._prepared = True
         return self.screen is not None
 
-    def use_blocks_head(self, blocks_head: Q8Head, screen: Screen | None = None) -> None:
+    def use_blocks_head(self, blocks_head: Q8Head, screen: Bf16Screen | None = None) -> None:
         """Let argmax() of few rows read these blocks: they must hold exactly this head's weights (checked on a
-        sample of rows), so a certified choice from them is this head's argmax. screen: a screen over the same
-        blocks (kernels/bf16_screen.py) for argmax() of wide_screen_from_rows rows or more."""
+        sample of rows), so a certified choice from them is this head's argmax. screen: the bf16 screen over the
+        same blocks (kernels/bf16_screen.py) for argmax() of wide_screen_from_rows rows or more."""
         rows = torch.arange(0, self.vocab_size, max(1, self.vocab_size // 256))
         if blocks_head.q.shape != self.weight.shape or blocks_head.softcap != self.softcap or \
                 not torch.equal(blocks_head.rows_f64(rows).float(), self.weight[rows]):
@@ -277,17 +269,17 @@ class LMHead:
         """Exactly logits(h).argmax(-1) (lowest id on ties), through the Q8_0 blocks (few rows, when attached)
         or the fp16 screen when they pay.
         screened: screen_logits(h) if the caller has them already (then the screen decides, as it is paid for)."""
-        if self.wide_screen is not None and screened is None and h.shape[0] >= self.wide_screen_from_rows:
-            return self._screened_or_exact_argmax(h, None, self.wide_screen)
-        if self.blocks_head is not None and screened is None and 0 < h.shape[0] <= BLOCKS_HEAD_MAX_ROWS:
-            return self._blocks_argmax(h)
+        rows = h.shape[0]
+        if self.wide_screen is not None and screened is None and rows >= self.wide_screen_from_rows:
+            return self._blocks_argmax(h, self.wide_screen)
+        if self.blocks_head is not None and screened is None and 0 < rows <= BLOCKS_HEAD_MAX_ROWS:
+            return self._blocks_argmax(h, self.blocks_head)
         return self._screened_or_exact_argmax(h, screened)
 
-    def _screened_or_exact_argmax(self, h: torch.Tensor, screened: torch.Tensor | None,
-                                  screen: Screen | None = None) -> torch.Tensor:  # h: [T, D] -> [T]
-        """Through `screen` (default: the fp16 copy; then `screened` may hold its logits already)."""
-        if screen is None:
-            screen = self.screen if self.prepare() else None
+    def _screened_or_exact_argmax(self, h: torch.Tensor,
+                                  screened: torch.Tensor | None) -> torch.Tensor:  # h: [T, D] -> [T]
+        """Through the fp16 copy (`screened`: its logits, if the caller has them)."""
+        screen = self.screen if self.prepare() else None
         if screen is None or h.shape[0] == 0:
             return self._exact_argmax(h)
         h = h.contiguous()
@@ -297,19 +289,26 @@ class LMHead:
             self.stats.fallbacks += 1
             return self._exact_argmax(h)
         self.stats.screened += h.shape[0]
-        self.stats.wide += h.shape[0] if screen is self.wide_screen else 0
         return picked
 
-    def _blocks_argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T]
-        """The blocks head's choice where it is certain (every fp32 product's argmax), the screen's elsewhere."""
-        choice = self.blocks_head.argmax(h)
-        if bool(choice.certain.all()):
-            self.stats.blocks += h.shape[0]
-            return choice.ids
-        picked = choice.ids.clone()
-        unsure = (~choice.certain).nonzero()[:, 0]
-        picked[unsure] = self._screened_or_exact_argmax(h[unsure], None)
-        self.stats.blocks += h.shape[0] - unsure.numel()
+    def _blocks_argmax(self, h: torch.Tensor, chooser: Q8Head | Bf16Screen) -> torch.Tensor:  # h: [T, D] -> [T]
+        """The choice from the blocks (the Q8_0 kernel or the bf16 screen over them) where it is certain (every
+        fp32 product's argmax), the fp16 screen's (or the exact logits') elsewhere."""
+        choice: HeadChoice = chooser.argmax(h)
+        settled = h.shape[0]
+        picked = choice.ids
+        if not bool(choice.certain.all()):
+            picked = choice.ids.clone()
+            unsure = (~choice.certain).nonzero()[:, 0]
+            picked[unsure] = self._screened_or_exact_argmax(h[unsure], None)
+            settled -= unsure.numel()
+        if chooser is self.wide_screen:
+            self.stats.screened += settled
+            self.stats.wide += settled
+            self.stats.rescored += choice.rescored
+            self.stats.candidates += choice.candidates
+        else:
+            self.stats.blocks += settled
         return picked
 
     def _exact_argmax(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, D] -> [T]
@@ -317,7 +316,7 @@ class LMHead:
         return self.logits(h).argmax(dim=-1)
 
     def _screened_argmax(self, h: torch.Tensor, s: torch.Tensor, maxima: torch.Tensor,
-                         screen: Screen) -> torch.Tensor | None:  # h: [T, D], s: [T, V], maxima: [T, B]
+                         screen: Fp16Screen) -> torch.Tensor | None:  # h: [T, D], s: [T, V], maxima: [T, B]
         """[T] argmax from screen's logits s, or None if uncertified."""
         err = screen.error(h)                                          # [T]
         thr = candidate_threshold(maxima.amax(dim=1).double(), err, self.softcap)

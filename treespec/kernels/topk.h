@@ -1,0 +1,59 @@
+// Each row's K best (value, id) over a head's vocabulary without writing its logits: what the fused greedy heads
+// (q8_head.cpp, bf16_screen.cpp) share. The vocabulary is cut into a fixed number of slices (not one per thread),
+// each keeping its own top-K, then merged in slice order, so the answer is the same with any thread count.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+constexpr int64_t kSlices = 256;  // vocabulary slices, each with its own top-K (fixed: thread-independent)
+
+// A row's K best values so far, best first. Offered in increasing id order, an equal value goes after the ones
+// kept before it, so the list is ordered by (value descending, id ascending), like a stable sort.
+struct TopK {
+  float* val;
+  int64_t* id;
+  int k;
+
+  void offer(float v, int64_t n) const {
+    if (!(v > val[k - 1])) return;  // also drops NaN
+    int i = k - 1;
+    while (i > 0 && v > val[i - 1]) { val[i] = val[i - 1]; id[i] = id[i - 1]; --i; }
+    val[i] = v; id[i] = n;
+  }
+};
+
+// Slice s of N ids in tiles of `tile` rows: the boundaries are multiples of the tile, whatever the threads.
+inline int64_t slice_start(int64_t s, int64_t N, int64_t tile) {
+  const int64_t tiles = (N + tile - 1) / tile;
+  return std::min(N, tiles * s / kSlices * tile);
+}
+
+// slice(n_begin, n_end, val [T, k], id [T, k]) offers every id of [n_begin, n_end) to each row's TopK; -> ([T, k]
+// fp32 values best first, [T, k] int64 ids). Of equal values only the lowest id is kept; slots never filled
+// (k > N, or NaN values) hold -inf and id -1.
+template <class Slice>
+std::vector<torch::Tensor> sliced_topk(int64_t T, int64_t N, int64_t k, int64_t tile, const Slice& slice) {
+  TORCH_CHECK(k >= 1 && k <= 64, "k in 1..64");
+  const float lowest = -std::numeric_limits<float>::infinity();
+  const auto fp32 = torch::TensorOptions().dtype(torch::kFloat);
+  auto part_val = torch::full({kSlices, T, k}, lowest, fp32);
+  auto part_id = torch::full({kSlices, T, k}, -1, fp32.dtype(torch::kLong));
+  float* pv = part_val.data_ptr<float>();
+  int64_t* pi = part_id.data_ptr<int64_t>();
+  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      slice(slice_start(s, N, tile), slice_start(s + 1, N, tile), pv + s * T * k, pi + s * T * k);
+  });
+  auto val = torch::full({T, k}, lowest, fp32);
+  auto id = torch::full({T, k}, -1, fp32.dtype(torch::kLong));
+  for (int64_t t = 0; t < T; ++t) {  // slices in vocabulary order: ties keep the lowest id
+    const TopK best{val.data_ptr<float>() + t * k, id.data_ptr<int64_t>() + t * k, static_cast<int>(k)};
+    for (int64_t s = 0; s < kSlices; ++s)
+      for (int64_t i = 0; i < k && pi[(s * T + t) * k + i] >= 0; ++i)
+        best.offer(pv[(s * T + t) * k + i], pi[(s * T + t) * k + i]);
+  }
+  return {val, id};
+}
