@@ -87,6 +87,26 @@ def test_attention_rows_are_independent() -> None:
         assert torch.equal(decode_ops.attention(q[:, i:i + 1], k, v, mask[i:i + 1], 0.0625), together[:, i:i + 1])
 
 
+@needs_kernel
+@pytest.mark.parametrize("n,hd", [(1, 256), (3, 40), (64, 256)])
+def test_long_rows_split_across_threads_do_a_row_alones_arithmetic(n: int, hd: int) -> None:
+    """From decode_ops.h's kSplitFromKeys keys the scores run split by keys and the values by columns; the
+    arithmetic is still each row's own: keys the mask hides change nothing, so 300 keys with the last 100 hidden
+    equal the first 200 (one thread per head's row) bit for bit, a row alone equals it within the batch, and both
+    match the float64 reference."""
+    g = torch.Generator().manual_seed(n)
+    q = torch.randn(4, n, hd, generator=g)
+    k, v = cache_views(1, 300, hd, g)
+    mask = torch.rand(n, 300, generator=g) < 0.8
+    mask[:, 0] = True
+    mask[:, 200:] = False
+    long = decode_ops.attention(q, k, v, mask, 0.0625)
+    assert torch.equal(long, decode_ops.attention(q, k[:, :200], v[:, :200], mask[:, :200].contiguous(), 0.0625))
+    assert torch.equal(long[:, -1:], decode_ops.attention(q[:, -1:], k, v, mask[-1:], 0.0625))
+    want = reference_attention(q.double(), k.double(), v.double(), mask, 0.0625).float()
+    torch.testing.assert_close(long, want, rtol=1e-5, atol=1e-5)
+
+
 def test_more_rows_or_gradients_go_to_torch() -> None:
     q, k, v = torch.randn(2, decode_ops.MAX_KERNEL_ROWS + 1, 16), torch.randn(1, 80, 16), torch.randn(1, 80, 16)
     assert decode_ops.attention(q, k, v, None, 0.25) is None

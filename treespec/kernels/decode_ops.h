@@ -84,34 +84,43 @@ struct Attn {
     for (int u = 0; u < KU; ++u) out[u] = lane_sum(acc[u]);
   }
 
-  // query row i of the G heads sharing K/V head kvh
-  void row(int64_t kvh, int64_t i, float* s) const {
+  // Phase 1: query row i of heads [h0, h1) against keys [j0, j1), scaled, masked keys -inf, into
+  // s[(h * n + i) * L + j]. A block of keys is read once for the heads.
+  void scores(int64_t i, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* s) const {
     const int64_t G = H / KV;
-    const float* kh = k + kvh * ks0;
-    const float* vh = v + kvh * vs0;
+    int64_t j = j0;
+    for (; j + kKeys <= j1; j += kKeys)
+      for (int64_t h = h0; h < h1; ++h) dots<kKeys>(q + h * qs0 + i * qs1, k + h / G * ks0 + j * ks1, s + (h * n + i) * L + j);
+    for (; j < j1; ++j)
+      for (int64_t h = h0; h < h1; ++h) dots<1>(q + h * qs0 + i * qs1, k + h / G * ks0 + j * ks1, s + (h * n + i) * L + j);
     const float lowest = -std::numeric_limits<float>::infinity();
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qr = q + (kvh * G + g) * qs0 + i * qs1;
-      int64_t j = 0;
-      for (; j + kKeys <= L; j += kKeys) dots<kKeys>(qr, kh + j * ks1, s + g * L + j);
-      for (; j < L; ++j) dots<1>(qr, kh + j * ks1, s + g * L + j);
+    for (int64_t h = h0; h < h1; ++h) {
+      float* sh = s + (h * n + i) * L;
+      for (j = j0; j < j1; ++j) sh[j] = mask == nullptr || mask[i * ms0 + j] ? sh[j] * scale : lowest;
     }
-    for (int64_t j = 0; j < L; ++j) {
-      const bool on = mask == nullptr || mask[i * ms0 + j];
-      for (int64_t g = 0; g < G; ++g) s[g * L + j] = on ? s[g * L + j] * scale : lowest;
+  }
+
+  // Phase 2: one row's scores sg [L] -> its softmax weights in place; false when every key is masked
+  bool weights(float* sg, float* sum) const {
+    const float lowest = -std::numeric_limits<float>::infinity();
+    float top = lowest;
+    for (int64_t j = 0; j < L; ++j) top = std::max(top, sg[j]);
+    if (top == lowest) return false;
+    *sum = softmax_weights(sg, top);
+    return true;
+  }
+
+  // Phase 3: columns [c0, c0 + 64) (or to hd) of head h's row i from its weights p (all masked: zeros)
+  void values(int64_t h, int64_t i, int64_t c0, const float* p, float sum, bool any) const {
+    float* o = out + h * os0 + i * os1 + c0;
+    const int64_t c1 = std::min<int64_t>(hd, c0 + 8 * kLanes);
+    if (!any) {
+      for (int64_t d = 0; d < c1 - c0; ++d) o[d] = 0.0f;
+      return;
     }
-    for (int64_t g = 0; g < G; ++g) {
-      float* sg = s + g * L;
-      float top = lowest;
-      for (int64_t j = 0; j < L; ++j) top = std::max(top, sg[j]);
-      float* o = out + (kvh * G + g) * os0 + i * os1;
-      if (top == lowest) {  // every key masked
-        for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-        continue;
-      }
-      const float sum = softmax_weights(sg, top);
-      weighted_values(sg, vh, o, sum);
-    }
+    const float* v0 = v + h / (H / KV) * vs0 + c0;
+    if (c1 - c0 == 8 * kLanes) return value_columns<8>(p, v0, o, sum);
+    for (int64_t c = 0; c < c1 - c0; c += kLanes) value_columns<1>(p, v0 + c, o + c, sum);
   }
 
   // sg[j] <- exp(sg[j] - top) (0 for masked keys), 8 at a time; returns their sum, taken in key order
@@ -135,14 +144,8 @@ struct Attn {
     return sum;
   }
 
-  // o = sum_j p[j] v[j] / sum, keys in ascending order per element; 64 columns at a time stay in registers
-  void weighted_values(const float* p, const float* vh, float* o, float sum) const {
-    int64_t d0 = 0;
-    for (; d0 + 8 * kLanes <= hd; d0 += 8 * kLanes) value_columns<8>(p, vh + d0, o + d0, sum);
-    for (; d0 < hd; d0 += kLanes) value_columns<1>(p, vh + d0, o + d0, sum);
-  }
-
-  // C * 8 columns of o (C a constant, so the accumulators live in registers)
+  // C * 8 columns of o = sum_j p[j] v[j] / sum, keys in ascending order per element (C a constant, so the
+  // accumulators live in registers)
   template <int C>
   void value_columns(const float* p, const float* v0, float* o, float sum) const {
     __m256 a[C];
@@ -157,13 +160,45 @@ struct Attn {
   }
 };
 
-// every query row of a (one item = one query row of one K/V head); small calls run on the calling thread
+// Every query row of every head through the three phases, which do the arithmetic a row alone would do. Up to
+// kSplitFromKeys keys one item is one head's row (all three phases on one thread); from there the phases run
+// one after the other, split by blocks of keys (scores) and of 64 columns (values). Why: a decode step's one row
+// of 4 heads over ~700 keys was one head per thread, each thread streaming all of K and V (~15 GB/s a thread);
+// split, each reads half (18 layers at 700 keys: 1.75 -> 1.0 ms), while on short rows the extra parallel regions
+// cost more than they save. Small calls run on the calling thread (every range within its grain).
+constexpr int64_t kSplitFromKeys = 256;
+
 void run(const Attn& a) {
-  const int64_t G = a.H / a.KV;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, G * a.L * a.hd));
-  at::parallel_for(0, a.KV * a.n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * a.L);
-    for (int64_t item = begin; item < end; ++item) a.row(item / a.n, item % a.n, s.data());
+  constexpr int64_t kKeyBlock = 64, kColumns = 8 * kLanes;
+  const int64_t rows = a.H * a.n, column_blocks = (a.hd + kColumns - 1) / kColumns;
+  std::vector<float> s(rows * a.L), sums(rows);
+  std::vector<char> any(rows);
+  if (a.L < kSplitFromKeys) {
+    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.L * a.hd)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t h = r / a.n, i = r % a.n;
+        a.scores(i, h, h + 1, 0, a.L, s.data());
+        any[r] = a.weights(s.data() + r * a.L, &sums[r]);
+        for (int64_t c = 0; c < column_blocks; ++c) a.values(h, i, c * kColumns, s.data() + r * a.L, sums[r], any[r]);
+      }
+    });
+    return;
+  }
+  const int64_t blocks = (a.L + kKeyBlock - 1) / kKeyBlock;
+  at::parallel_for(0, a.n * blocks, std::max<int64_t>(1, 32768 / (a.H * kKeyBlock * a.hd)), [&](int64_t b0, int64_t b1) {
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t j0 = item % blocks * kKeyBlock;
+      a.scores(item / blocks, 0, a.H, j0, std::min(a.L, j0 + kKeyBlock), s.data());
+    }
+  });
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / a.L), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) any[r] = a.weights(s.data() + r * a.L, &sums[r]);
+  });
+  at::parallel_for(0, column_blocks * rows, std::max<int64_t>(1, 32768 / (a.L * kColumns)), [&](int64_t c0, int64_t c1) {
+    for (int64_t item = c0; item < c1; ++item) {  // column blocks outermost: a thread reads its columns of V
+      const int64_t r = item % rows;
+      a.values(r / a.n, r % a.n, item / rows * kColumns, s.data() + r * a.L, sums[r], any[r]);
+    }
   });
 }
 
