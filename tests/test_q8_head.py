@@ -9,7 +9,6 @@ from gguf import GGMLQuantizationType as Q
 from test_quant_blocks import random_blocks, reference
 from treespec.kernels import q8_head
 from treespec.kernels.block_layout import PackedBlocks, dequantize_packed, pack
-from treespec.kernels.block_mm import block_mm
 from treespec.kernels.q8_head import Q8Head, reference_logits
 from treespec.models.lm_head import LMHead, capped
 
@@ -36,7 +35,6 @@ def test_logits_topk_and_argmax_match_the_reference(vocab: int) -> None:
         logits = head.logits(h)
         exact, bound = reference(raw, Q.Q8_0, (vocab, 96), h)
         assert ((logits.double() - exact).abs() <= bound).all(), f"rows={rows}"
-        assert torch.equal(logits, block_mm(h, head.blocks))  # the same chains as the body kernel
         k = min(8, vocab)
         vals, ids = head.topk(h)
         order = logits.sort(dim=1, descending=True, stable=True)

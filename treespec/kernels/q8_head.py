@@ -1,10 +1,11 @@
 """The tied Q8_0 head/embedding straight from its blocks: exact fp32 logits and a fused greedy argmax.
 
 Why: the head is most of a decode step's bytes (Gemma 3 270M: 262144 x 640). Its blocks as int8 codes plus the
-file's fp16 scale per 32 are 179 MB; the fp32 head is 671 MB and models/lm_head.py's fp16 screen 335 MB. Since
-fp16 * int8 is exact in fp32, the weights are the dequantized ones bit for bit, and activations and accumulation
-stay fp32, so these are the dequantized head's fp32 logits up to summation order. `argmax` keeps each row's
-best few logits inside the kernel instead of writing 262144 per row.
+file's fp16 scale per 32 are 179 MB; the fp32 head is 671 MB and models/lm_head.py's fp16 screen 335 MB. The
+kernel (q8_head.cpp) sums each group's codes times the activations in fp32 and adds that sum times the group's
+scale: an fp32 dot product of the dequantized weights (fp16 * int8 is exact) in one fixed order, so these are the
+dequantized head's fp32 logits up to summation order. `argmax` keeps each row's best few logits inside the
+kernel instead of writing 262144 per row.
 
 Two notions of "the" argmax (lowest id on ties in both):
 - `argmax(h).ids` is exactly `logits(h).argmax(-1)`: this kernel's own fp32 logits, bit for bit.
@@ -13,12 +14,10 @@ Two notions of "the" argmax (lowest id on ties in both):
   to be every fp32 product's argmax (the bound below, then float64 rescoring of the few tokens within it);
   a caller that must agree with one particular product recomputes the other rows with it.
 
-Measured on the default GGUF's head (benchmarks/q8_head.py, 2 threads, OMP_WAIT_POLICY=passive, shared machine,
-ms, median of interleaved rounds, two runs): rows 1 / 4 / 16 / 64: this argmax 10.0-11.2 / 15.7-22.5 / 64-84 / 254,
-LMHead.argmax 14.2-15.2 / 15.6-19.1 / 51-62 / 263, fp32 mm + argmax 54 / 33-47 / 98-168 / 466. One row is
-memory-bound (~17 GB/s, 1.25-1.5x faster than LMHead); from 4 rows fp32 multiply-adds bound it (4 rows: ~1.4 FMA
-per cycle on one core; applying the scale once per block instead of per weight measured no faster), and fbgemm's
-fp16 GEMM is 10-25% faster there. The fused top-k measured the same as writing the logits and taking argmax
+Measured on the default GGUF's head, 2 threads, quiet machine, ms (median of interleaved rounds): rows 1 / 2 / 3 /
+4 / 6: 4.5 / 6.3 / 8.4 / 10.6 / 16.7 (the scale applied per weight before: 5.4 / 7.1 / 9.4 / 11.0 / 17.8). One
+row streams the 179 MB at ~39 GB/s; from 2 rows the fp32 multiply-adds bind, so LMHead takes the bf16 screen
+(kernels/bf16_screen.py) from 4 rows. The fused top-k measured the same as writing the logits and taking argmax
 (1 thread: 10.5 vs 10.2 ms at 1 row, 92 vs 90 at 16); it keeps 64 rows from writing 67 MB of logits.
 
 Bound: for any order of an fp32 D-term dot product, |fl(w.h) - w.h| <= gamma_D sum|w_j h_j| <= gamma_D |w| |h|

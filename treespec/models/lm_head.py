@@ -45,8 +45,8 @@ MAX_RESCORE = 4096                # more candidates than this in one row: the fu
 _SLOPE_CHUNK = 16384              # rows per chunk when measuring the fp16 rounding error (bounds temp memory)
 _BLOCK = 256                      # logits per block when looking for candidates: one vectorised max pass
 # up to this many rows argmax() reads the Q8_0 head's blocks when it has them (179 MB vs the screen's 335 MB).
-# benchmarks/q8_head.py, quiet machine, 2 threads, ms for 1/2/3/4 rows: blocks 6.2/7.8/9.9/12.1, screen
-# 12.0/12.1/12.0/12.4; from 4 rows fp32 multiply-adds bind and fbgemm's fp16 GEMM is as fast or faster
+# Quiet machine, 2 threads, ms for 1/2/3/4 rows: blocks 4.5/6.3/8.4/10.6 (kernels/q8_head.py), fp16 screen
+# ~10-12 throughout; from 4 rows fp32 multiply-adds bind and the screens are as fast or faster
 BLOCKS_HEAD_MAX_ROWS = 3
 # from this many rows argmax() takes the bf16 screen over the blocks when it has one (kernels/bf16_screen.py).
 # In the engine (auto, 4-node trees, interleaved runs) a 4-row head took 11.2-11.5 ms through it against 12.4-12.6
