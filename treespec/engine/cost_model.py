@@ -29,7 +29,7 @@ CALIBRATION_TEXT = (
     "garden of potatoes and onions behind the house and read the same books again. Questions people asked him "
     "most often: was he lonely, how did the lamp work, and why did he stay. He answered that the sea was never "
     "the same two days in a row, and that someone had to keep the light burning for those who were still out.")
-_VERSION = 7  # bump when the forward's speed changes enough to invalidate cached measurements
+_VERSION = 8  # bump when the forward's speed changes enough to invalidate cached measurements
 
 
 # Online correction (CostCurve.observe). What sizes trees is the curve's shape (c(n) against c(1) and its
