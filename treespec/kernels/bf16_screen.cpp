@@ -166,23 +166,12 @@ Screen make_screen(const torch::Tensor& x, const torch::Tensor& q, const torch::
 
 // x: [T, K] bf16, q: [N, K] int8, d: [N, K / 32] fp16 -> [T, N] fp32 screened values
 torch::Tensor bf16_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
-  const Screen sc = make_screen(x, q, d);
-  auto y = torch::empty({sc.T, sc.N}, x.options().dtype(torch::kFloat));
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      sc.slice(slice_start(s, sc.N, kTopRows), slice_start(s + 1, sc.N, kTopRows), yp, nullptr, nullptr, 0);
-  });
-  return y;
+  return all_values(make_screen(x, q, d), kTopRows);
 }
 
-// x: [T, K] bf16, q: [N, K] int8, d: [N, K / 32] fp16 -> ([T, k] fp32 screened values best first, [T, k] int64
-// ids) as topk.h orders them, each value bf16_logits' for that (t, n)
+// x: [T, K] bf16, q: [N, K] int8, d: [N, K / 32] fp16 -> each row's k best screened values and their ids (topk.h)
 std::vector<torch::Tensor> bf16_topk(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t k) {
-  const Screen sc = make_screen(x, q, d);
-  return sliced_topk(sc.T, sc.N, k, kTopRows, [&](int64_t n_begin, int64_t n_end, float* val, int64_t* id) {
-    sc.slice(n_begin, n_end, nullptr, val, id, static_cast<int>(k));
-  });
+  return top_values(make_screen(x, q, d), kTopRows, k);
 }
 
 // q: [N, K] int8, d: [N, K / 32] fp16 -> [N, 3] float64: per weight row the sums of squares of w~ = bf16(w) (as

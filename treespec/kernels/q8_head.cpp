@@ -121,24 +121,12 @@ Head make_head(const torch::Tensor& x, const torch::Tensor& q, const torch::Tens
 
 // x: [T, K] fp32, q: [N, K] int8, d: [N, K / 32] fp16 -> [T, N] fp32 logits
 torch::Tensor q8_logits(torch::Tensor x, torch::Tensor q, torch::Tensor d) {
-  const Head h = make_head(x, q, d);
-  auto y = torch::empty({h.T, h.N}, x.options());
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      h.slice(slice_start(s, h.N, kTileRows), slice_start(s + 1, h.N, kTileRows), yp, nullptr, nullptr, 0);
-  });
-  return y;
+  return all_values(make_head(x, q, d), kTileRows);
 }
 
-// x: [T, K] fp32, q: [N, K] int8, d: [N, K / 32] fp16 -> ([T, k] fp32 values best first, [T, k] int64 ids).
-// Entry i is the (i+1)-th largest logit and its lowest id; of equal logits only the lowest id is kept.
-// Slots never filled (k > N, or NaN logits) hold -inf and id -1.
+// x: [T, K] fp32, q: [N, K] int8, d: [N, K / 32] fp16 -> each row's k best logits and their ids (topk.h)
 std::vector<torch::Tensor> q8_topk(torch::Tensor x, torch::Tensor q, torch::Tensor d, int64_t k) {
-  const Head h = make_head(x, q, d);
-  return sliced_topk(h.T, h.N, k, kTileRows, [&](int64_t n_begin, int64_t n_end, float* val, int64_t* id) {
-    h.slice(n_begin, n_end, nullptr, val, id, static_cast<int>(k));
-  });
+  return top_values(make_head(x, q, d), kTileRows, k);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -31,12 +31,28 @@ inline int64_t slice_start(int64_t s, int64_t N, int64_t tile) {
   return std::min(N, tiles * s / kSlices * tile);
 }
 
-// slice(n_begin, n_end, val [T, k], id [T, k]) offers every id of [n_begin, n_end) to each row's TopK; -> ([T, k]
-// fp32 values best first, [T, k] int64 ids). Of equal values only the lowest id is kept; slots never filled
-// (k > N, or NaN values) hold -inf and id -1.
-template <class Slice>
-std::vector<torch::Tensor> sliced_topk(int64_t T, int64_t N, int64_t k, int64_t tile, const Slice& slice) {
+// What the fused heads share: a head kernel H (fields T, N: activation and vocabulary rows; a method
+// slice(n_begin, n_end, y, val, id, k) that writes ids [n_begin, n_end)'s values into y [T, N], or else offers them
+// to each row's TopK at val / id [T, k]) over slices whole in tiles of `tile` rows.
+
+// -> [T, N] fp32: every value (tests, benchmarks, a row the top-k cannot settle)
+template <class H>
+torch::Tensor all_values(const H& h, int64_t tile) {
+  torch::Tensor y = torch::empty({h.T, h.N}, torch::TensorOptions().dtype(torch::kFloat));
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      h.slice(slice_start(s, h.N, tile), slice_start(s + 1, h.N, tile), yp, nullptr, nullptr, 0);
+  });
+  return y;
+}
+
+// -> ([T, k] fp32 values best first, [T, k] int64 ids). Of equal values only the lowest id is kept; slots never
+// filled (k > N, or NaN values) hold -inf and id -1.
+template <class H>
+std::vector<torch::Tensor> top_values(const H& h, int64_t tile, int64_t k) {
   TORCH_CHECK(k >= 1 && k <= 64, "k in 1..64");
+  const int64_t T = h.T;
   const float lowest = -std::numeric_limits<float>::infinity();
   const auto fp32 = torch::TensorOptions().dtype(torch::kFloat);
   auto part_val = torch::full({kSlices, T, k}, lowest, fp32);
@@ -45,7 +61,8 @@ std::vector<torch::Tensor> sliced_topk(int64_t T, int64_t N, int64_t k, int64_t 
   int64_t* pi = part_id.data_ptr<int64_t>();
   at::parallel_for(0, kSlices, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s)
-      slice(slice_start(s, N, tile), slice_start(s + 1, N, tile), pv + s * T * k, pi + s * T * k);
+      h.slice(slice_start(s, h.N, tile), slice_start(s + 1, h.N, tile), nullptr, pv + s * T * k, pi + s * T * k,
+              static_cast<int>(k));
   });
   auto val = torch::full({T, k}, lowest, fp32);
   auto id = torch::full({T, k}, -1, fp32.dtype(torch::kLong));
