@@ -88,11 +88,14 @@ struct Attn {
   // s[(h * n + i) * L + j]. A block of keys is read once for the heads.
   void scores(int64_t i, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* s) const {
     const int64_t G = H / KV;
+    auto query = [&](int64_t h) { return q + h * qs0 + i * qs1; };
+    auto key = [&](int64_t h, int64_t j) { return k + h / G * ks0 + j * ks1; };
+    auto score = [&](int64_t h, int64_t j) { return s + (h * n + i) * L + j; };
     int64_t j = j0;
     for (; j + kKeys <= j1; j += kKeys)
-      for (int64_t h = h0; h < h1; ++h) dots<kKeys>(q + h * qs0 + i * qs1, k + h / G * ks0 + j * ks1, s + (h * n + i) * L + j);
+      for (int64_t h = h0; h < h1; ++h) dots<kKeys>(query(h), key(h, j), score(h, j));
     for (; j < j1; ++j)
-      for (int64_t h = h0; h < h1; ++h) dots<1>(q + h * qs0 + i * qs1, k + h / G * ks0 + j * ks1, s + (h * n + i) * L + j);
+      for (int64_t h = h0; h < h1; ++h) dots<1>(query(h), key(h, j), score(h, j));
     const float lowest = -std::numeric_limits<float>::infinity();
     for (int64_t h = h0; h < h1; ++h) {
       float* sh = s + (h * n + i) * L;
@@ -164,8 +167,8 @@ struct Attn {
 // kSplitFromKeys keys one item is one head's row (all three phases on one thread); from there the phases run
 // one after the other, split by blocks of keys (scores) and of 64 columns (values). Why: a decode step's one row
 // of 4 heads over ~700 keys was one head per thread, each thread streaming all of K and V (~15 GB/s a thread);
-// split, each reads half (18 layers at 700 keys: 1.75 -> 1.0 ms), while on short rows the extra parallel regions
-// cost more than they save. Small calls run on the calling thread (every range within its grain).
+// split, each reads half (18 layers at 700 keys, one row: ~3 -> ~1.3 ms), while on short rows the extra
+// parallel regions cost more than they save. Small calls run on the calling thread (every range within its grain).
 constexpr int64_t kSplitFromKeys = 256;
 
 void run(const Attn& a) {
@@ -174,7 +177,8 @@ void run(const Attn& a) {
   std::vector<float> s(rows * a.L), sums(rows);
   std::vector<char> any(rows);
   if (a.L < kSplitFromKeys) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.L * a.hd)), [&](int64_t r0, int64_t r1) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, a.L * a.hd));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t h = r / a.n, i = r % a.n;
         a.scores(i, h, h + 1, 0, a.L, s.data());
@@ -185,7 +189,8 @@ void run(const Attn& a) {
     return;
   }
   const int64_t blocks = (a.L + kKeyBlock - 1) / kKeyBlock;
-  at::parallel_for(0, a.n * blocks, std::max<int64_t>(1, 32768 / (a.H * kKeyBlock * a.hd)), [&](int64_t b0, int64_t b1) {
+  const int64_t score_grain = std::max<int64_t>(1, 32768 / (a.H * kKeyBlock * a.hd));
+  at::parallel_for(0, a.n * blocks, score_grain, [&](int64_t b0, int64_t b1) {
     for (int64_t item = b0; item < b1; ++item) {
       const int64_t j0 = item % blocks * kKeyBlock;
       a.scores(item / blocks, 0, a.H, j0, std::min(a.L, j0 + kKeyBlock), s.data());
@@ -194,7 +199,8 @@ void run(const Attn& a) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / a.L), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) any[r] = a.weights(s.data() + r * a.L, &sums[r]);
   });
-  at::parallel_for(0, column_blocks * rows, std::max<int64_t>(1, 32768 / (a.L * kColumns)), [&](int64_t c0, int64_t c1) {
+  const int64_t value_grain = std::max<int64_t>(1, 32768 / (a.L * kColumns));
+  at::parallel_for(0, column_blocks * rows, value_grain, [&](int64_t c0, int64_t c1) {
     for (int64_t item = c0; item < c1; ++item) {  // column blocks outermost: a thread reads its columns of V
       const int64_t r = item % rows;
       a.values(r / a.n, r % a.n, item / rows * kColumns, s.data() + r * a.L, sums[r], any[r]);

@@ -57,16 +57,18 @@ struct Head {
     for (int64_t g = 0; g < K / kGroup; ++g) {
       prefetch_ahead(n0, NR, g);
       for (int r = 0; r < NR; ++r) {
-        __m256 wq[kGroup / kLanes];
+        const int8_t* codes = q + (n0 + r) * K + g * kGroup;
+        __m256 wq[kGroup / kLanes];  // the group's codes as fp32 (exact)
         for (int j = 0; j < kGroup / kLanes; ++j) {
-          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (n0 + r) * K + g * kGroup + j * kLanes));
+          const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + j * kLanes));
           wq[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
         }
         const __m256 s = scale_of(n0 + r, g);
         for (int t = 0; t < TR; ++t) {
           const float* xr = x + (t0 + t) * K + g * kGroup;
           __m256 part = _mm256_mul_ps(wq[0], _mm256_loadu_ps(xr));
-          for (int j = 1; j < kGroup / kLanes; ++j) part = _mm256_fmadd_ps(wq[j], _mm256_loadu_ps(xr + j * kLanes), part);
+          for (int j = 1; j < kGroup / kLanes; ++j)
+            part = _mm256_fmadd_ps(wq[j], _mm256_loadu_ps(xr + j * kLanes), part);
           acc[r][t] = _mm256_fmadd_ps(s, part, acc[r][t]);
         }
       }
