@@ -142,11 +142,7 @@ struct Screen {
       else
         for (int r = 0; r < nr; ++r)
           for (int64_t t = 0; t < T; ++t) direct_tile<1>(n0 + r, t, out, r);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t r = 0; r < nr; ++r) {
-          if (y) y[t * N + n0 + r] = out[t][r];
-          else TopK{val + t * k, id + t * k, k}.offer(out[t][r], n0 + r);
-        }
+      keep_tile<kTopRows>(out, T, n0, nr, N, y, val, id, k);
     }
   }
 };

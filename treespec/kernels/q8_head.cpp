@@ -99,11 +99,7 @@ struct Head {
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileRows) {
       const int64_t nr = std::min<int64_t>(kTileRows, n_end - n0);
       tile(n0, nr, out);
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t r = 0; r < nr; ++r) {
-          if (y) y[t * N + n0 + r] = out[t][r];
-          else TopK{val + t * k, id + t * k, k}.offer(out[t][r], n0 + r);
-        }
+      keep_tile<kTileRows>(out, T, n0, nr, N, y, val, id, k);
     }
   }
 };

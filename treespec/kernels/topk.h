@@ -31,6 +31,18 @@ inline int64_t slice_start(int64_t s, int64_t N, int64_t tile) {
   return std::min(N, tiles * s / kSlices * tile);
 }
 
+// A tile's values out[t][r] (T rows, weight rows n0..n0+nr, W columns kept per row) into y [T, N] when given,
+// else offered to each row's TopK at val / id [T, k]: the end of every head kernel's slice()
+template <int W>
+void keep_tile(const float (*out)[W], int64_t T, int64_t n0, int64_t nr, int64_t N, float* y, float* val,
+               int64_t* id, int k) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < nr; ++r) {
+      if (y) y[t * N + n0 + r] = out[t][r];
+      else TopK{val + t * k, id + t * k, k}.offer(out[t][r], n0 + r);
+    }
+}
+
 // What the fused heads share: a head kernel H (fields T, N: activation and vocabulary rows; a method
 // slice(n_begin, n_end, y, val, id, k) that writes ids [n_begin, n_end)'s values into y [T, N], or else offers them
 // to each row's TopK at val / id [T, k]) over slices whole in tiles of `tile` rows.
