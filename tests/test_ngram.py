@@ -4,7 +4,6 @@ from dataclasses import dataclass, field
 from treespec.config import DrafterConfig, DraftSampling
 from treespec.drafters.base import DraftRequest
 from treespec.drafters.ngram import NgramDrafter, NgramIndex
-from treespec.verify import VerifyResult
 
 
 def test_index_prefers_longest_match_then_most_recent():
@@ -57,7 +56,8 @@ def test_generated_text_database_after_release_and_acceptance_statistics():
     tree = _draft(d, fresh)
     assert tree.tokens[1:3].tolist() == [44, 45]
     before = list(d.depth_rate[:2])
-    d.observe([], [tree], [VerifyResult(path=[0, 1], bonus_token=0)])  # depth 1 accepted, depth 2 rejected
+    fresh.output_ids += [44, 9]  # the target went on with the first drafted token, not the second
+    _draft(d, fresh)
     assert d.depth_rate[0] > before[0] and d.depth_rate[1] < before[1]
 
 
@@ -71,19 +71,32 @@ def test_corpus_database(tmp_path):
     assert _draft(d, _Req("x", [1, 8])).tokens[1:].tolist() == [7, 6, 5]
 
 
-def test_a_tree_cut_to_its_root_still_teaches_depth_one():
-    """The cost model may keep none of the drafted nodes (the rate fell too low to pay); the drafter then checks
-    its first choice against the target's token, so the rate can recover instead of staying low for good."""
-    from treespec.tree.token_tree import TokenTree
+def test_rates_learn_every_drafted_depth_from_the_text_that_followed():
+    """The cost model may verify none of a trie's nodes (rates too low to pay); the drafter still checks the whole
+    unpruned trie against the tokens the target went on to generate, so rates at depths the verified trees never
+    reached can rise and trees can grow."""
     d = NgramDrafter(DrafterConfig("ngram", prompt_lookup_min=1, prompt_lookup_max=2), 0)
-    req = _Req("a", [5, 1, 2, 3, 5, 1])
-    batch = [DraftRequest(req, 16, 4, DraftSampling.DETERMINISTIC, None)]
-    d.depth_rate[0] = 0.05
-    assert d.propose(batch)[0].tokens[1] == 2  # first choice after [5, 1]: 2
-    d.observe(batch, [TokenTree.root(1)], [VerifyResult(path=[0], bonus_token=2)])  # the target emitted it
-    assert abs(d.depth_rate[0] - (0.9 * 0.05 + 0.1)) < 1e-9
-    d.observe(batch, [TokenTree.root(1)], [VerifyResult(path=[0], bonus_token=2)])  # each proposal counts once
-    assert abs(d.depth_rate[0] - (0.9 * 0.05 + 0.1)) < 1e-9
-    d.propose(batch)
-    d.observe(batch, [TokenTree.root(1)], [VerifyResult(path=[0], bonus_token=7)])  # a miss
-    assert abs(d.depth_rate[0] - 0.9 * (0.9 * 0.05 + 0.1)) < 1e-9
+    req = _Req("a", [5, 1, 2, 3, 4, 5, 1])
+    d.depth_rate[:4] = [0.05] * 4
+    assert _draft(d, req).tokens[1:].tolist() == [2, 3, 4, 5]  # one chain of depth 4
+    req.output_ids += [2, 3]  # two tokens so far: depths 1 and 2 observed, depth 3 still waiting
+    _draft(d, req)
+    assert d.depth_seen[:4] == [1, 1, 0, 0] and d.depth_rate[0] > 0.5 and d.depth_rate[2] == 0.05
+    seen = list(d.depth_seen)
+    _draft(d, req)  # no new tokens: nothing observed twice
+    assert d.depth_seen == seen
+    req.output_ids += [7]  # a miss at depth 3 ends the first trie; the later tries (after 5 1 2 / 1 2 3) go on
+    _draft(d, req)
+    assert d.depth_seen[2] >= 1 and d.depth_rate[2] < 0.05
+    d.release(req)
+    assert "a" not in d.pending
+
+
+def test_rates_are_a_running_mean_then_a_moving_average():
+    d = NgramDrafter(DrafterConfig("ngram"), 0)
+    for _ in range(3):
+        d._observe_depth(0, True)
+    assert abs(d.depth_rate[0] - (0.5 + 3) / 4) < 1e-12  # the prior counts as one observation
+    for _ in range(100):
+        d._observe_depth(0, False)
+    assert d.depth_rate[0] < 1e-3  # a window of ~10: old observations fade

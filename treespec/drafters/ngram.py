@@ -6,10 +6,15 @@ suffix of the context (prompt_lookup_max down to prompt_lookup_min tokens) that 
 that followed each occurrence (most recent first) are continuations; distinct ones are merged into a trie.
 Drafts are deterministic (q is one-hot). A node's score estimates its acceptance probability from the
 acceptance rate observed at each depth, times the share of continuations that pass through it.
+
+The per-depth rates are learned from every drafted trie before the cost model prunes it, checked against the text
+the target went on to generate (`_Pending`). Learning only from the verified trees would never observe the
+depths the cost model cut, so rates that start low would keep the trees shallow for good.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +23,9 @@ from treespec.config import DrafterConfig
 from treespec.drafters.base import ConfiguredDrafter, DraftRequest
 from treespec.errors import ConfigError
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
-from treespec.verify import VerifyResult
 
 _MAX_GLOBAL_TOKENS = 200_000  # database (2): bounded memory of earlier generations
+_RATE_WINDOW = 10  # a depth's rate is the mean of its first observations, then a moving average over ~this many
 
 
 class NgramIndex:
@@ -55,6 +60,16 @@ class NgramIndex:
         return found
 
 
+@dataclass
+class _Pending:
+    """A drafted trie (unpruned) waiting for the text it predicted: walked along the request's tokens as they
+    arrive, one observation per depth whose parent matched."""
+    start: int  # index in the request's tokens of what the depth-1 nodes predict
+    kids: list[dict[int, int]]  # per trie node: token -> child node
+    node: int = 0  # how far the walk has matched
+    depth: int = 0
+
+
 class NgramDrafter(ConfiguredDrafter):
     def __init__(self, cfg: DrafterConfig, drafter_id: int, tokenizer=None) -> None:
         self.cfg, self.drafter_id = cfg, drafter_id
@@ -63,33 +78,17 @@ class NgramDrafter(ConfiguredDrafter):
         self.corpus: NgramIndex | None = None
         if cfg.corpus:
             self.corpus = _load_corpus(Path(cfg.corpus), tokenizer, cfg)
-        self.depth_rate = [0.5] * 64  # P(node at depth d accepted | parent accepted), running estimate
-        self.first_choice: dict[str, int] = {}  # request -> the depth-1 token its latest tree ranks first
+        self.depth_rate = [0.5] * 64  # P(a node at depth d+1 is right | its parent was), running estimate
+        self.depth_seen = [0] * 64  # observations behind each rate
+        self.pending: dict[str, list[_Pending]] = {}  # request -> its tries still awaiting their text
 
     # ---- protocol -------------------------------------------------------------------------------------------
     def propose(self, batch: list[DraftRequest]) -> list[TokenTree]:
         return [self._propose_one(d) for d in batch]
 
-    def observe(self, batch: list[DraftRequest], trees: list[TokenTree], results: list[VerifyResult]) -> None:
-        """Update the per-depth rates from the verified trees. A tree the cost model cut to its root still teaches
-        depth 1: its first choice against the token the target emitted. Without that, a rate that fell below what
-        a node must reach to pay would never be observed again, and the drafter would stay silent for good."""
-        for d, tree, res in zip(batch, trees, results):
-            choice = self.first_choice.pop(d.request.request_id, None)
-            if tree.n <= 1 and choice is not None:
-                self.depth_rate[0] = 0.9 * self.depth_rate[0] + 0.1 * float(choice == res.bonus_token)
-        for tree, res in zip(trees, results):
-            if tree.n <= 1:
-                continue
-            accepted_depth = len(res.path) - 1
-            drafted_depth = int(tree.depth.max())
-            for d in range(min(accepted_depth + 1, drafted_depth)):  # depths whose parent was accepted
-                hit = 1.0 if d < accepted_depth else 0.0
-                self.depth_rate[d] = 0.9 * self.depth_rate[d] + 0.1 * hit
-
     def release(self, request) -> None:
         self.own.pop(request.request_id, None)
-        self.first_choice.pop(request.request_id, None)
+        self.pending.pop(request.request_id, None)
         if request.finished and request.output_ids:  # what the engine generated joins database (2), once
             self._remember(request.all_ids)
 
@@ -102,6 +101,7 @@ class NgramDrafter(ConfiguredDrafter):
         if idx is None:
             idx = self.own[r.request_id] = NgramIndex(self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
         ctx = r.all_ids
+        self._learn(r.request_id, ctx)
         idx.extend(ctx[len(idx.tokens):])
         depth = min(d.max_depth, self.cfg.num_speculative_tokens)
         limit = self.cfg.max_continuations
@@ -111,13 +111,32 @@ class NgramDrafter(ConfiguredDrafter):
                 break
             have = {tuple(c) for c, _ in conts}
             conts += [(c, n) for c, n in db.continuations(ctx, depth, limit - len(conts)) if tuple(c) not in have]
-        tree = self._trie(r.root_token, conts, d.max_nodes)
-        if tree.n > 1:  # the root's best-scored child
-            first = tree.children(0)
-            self.first_choice[r.request_id] = int(tree.tokens[max(first, key=lambda c: float(tree.scores[c]))])
+        tree, kids = self._trie(r.root_token, conts, d.max_nodes)
+        if tree.n > 1:
+            self.pending.setdefault(r.request_id, []).append(_Pending(len(ctx), kids))
         return tree
 
-    def _trie(self, root: int, conts: list[tuple[list[int], int]], max_nodes: int) -> TokenTree:
+    def _learn(self, request_id: str, ids: list[int]) -> None:
+        """Walk the request's pending tries along its tokens so far; a trie is done at its first miss or leaf."""
+        waiting = []
+        for p in self.pending.get(request_id, ()):
+            while p.kids[p.node] and p.start + p.depth < len(ids):
+                child = p.kids[p.node].get(ids[p.start + p.depth])
+                self._observe_depth(p.depth, child is not None)
+                if child is None:
+                    break
+                p.node, p.depth = child, p.depth + 1
+            else:
+                if p.kids[p.node]:  # the text has not reached its next depth yet
+                    waiting.append(p)
+        self.pending[request_id] = waiting
+
+    def _observe_depth(self, d: int, hit: bool) -> None:
+        self.depth_seen[d] += 1
+        self.depth_rate[d] += (float(hit) - self.depth_rate[d]) / min(self.depth_seen[d] + 1, _RATE_WINDOW)
+
+    def _trie(self, root: int, conts: list[tuple[list[int], int]],
+              max_nodes: int) -> tuple[TokenTree, list[dict[int, int]]]:
         """Merge continuations into a trie (plain lists, one TokenTree at the end: this runs every step).
 
         A node's score: the match-length-weighted share of continuations through it (relative to its parent)
@@ -149,8 +168,9 @@ class NgramDrafter(ConfiguredDrafter):
                 share = weight[c] / (weight[parent] if parent > 0 else total)
                 scores[c] = scores[parent] * share * self.depth_rate[depth[c] - 1]
                 proposals[c].append(Proposal(self.drafter_id, DraftKind.DETERMINISTIC, None, order=order))
-        return TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depth), proposals,
+        tree = TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depth), proposals,
                          torch.tensor(scores))
+        return tree, kids
 
     def _remember(self, tokens: list[int]) -> None:
         """Add a finished request's text to database (2), forgetting the oldest beyond the bound."""
