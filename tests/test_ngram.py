@@ -55,10 +55,10 @@ def test_generated_text_database_after_release_and_acceptance_statistics():
     fresh = _Req("new", [7, 42, 43])
     tree = _draft(d, fresh)
     assert tree.tokens[1:3].tolist() == [44, 45]
-    before = list(d.depth_rate[:2])
+    before = list(d.match_rate[2:4])  # matched [42 43]: the chain's match lengths are 2 and 3
     fresh.output_ids += [44, 9]  # the target went on with the first drafted token, not the second
     _draft(d, fresh)
-    assert d.depth_rate[0] > before[0] and d.depth_rate[1] < before[1]
+    assert d.match_rate[2] > before[0] and d.match_rate[3] < before[1]
 
 
 def test_corpus_database(tmp_path):
@@ -71,32 +71,45 @@ def test_corpus_database(tmp_path):
     assert _draft(d, _Req("x", [1, 8])).tokens[1:].tolist() == [7, 6, 5]
 
 
-def test_rates_learn_every_drafted_depth_from_the_text_that_followed():
+def test_rates_learn_every_drafted_node_from_the_text_that_followed():
     """The cost model may verify none of a trie's nodes (rates too low to pay); the drafter still checks the whole
-    unpruned trie against the tokens the target went on to generate, so rates at depths the verified trees never
-    reached can rise and trees can grow."""
+    unpruned trie against the tokens the target went on to generate, so rates of nodes the verified trees never
+    reached can rise and trees can grow. Rates are kept by match length: suffix match + drafted tokens above."""
     d = NgramDrafter(DrafterConfig("ngram", prompt_lookup_min=1, prompt_lookup_max=2), 0)
     req = _Req("a", [5, 1, 2, 3, 4, 5, 1])
-    d.depth_rate[:4] = [0.05] * 4
-    assert _draft(d, req).tokens[1:].tolist() == [2, 3, 4, 5]  # one chain of depth 4
-    req.output_ids += [2, 3]  # two tokens so far: depths 1 and 2 observed, depth 3 still waiting
+    d.match_rate[:] = [0.05] * len(d.match_rate)
+    assert _draft(d, req).tokens[1:].tolist() == [2, 3, 4, 5]  # one chain after the match [5, 1]: lengths 2..5
+    req.output_ids += [2, 3]  # two tokens so far: the nodes of match lengths 2 and 3 observed, 4 still waiting
     _draft(d, req)
-    assert d.depth_seen[:4] == [1, 1, 0, 0] and d.depth_rate[0] > 0.5 and d.depth_rate[2] == 0.05
-    seen = list(d.depth_seen)
+    assert d.match_seen[2:6] == [1, 1, 0, 0] and d.match_rate[2] > 0.5 and d.match_rate[4] == 0.05
+    seen = list(d.match_seen)
     _draft(d, req)  # no new tokens: nothing observed twice
-    assert d.depth_seen == seen
-    req.output_ids += [7]  # a miss at depth 3 ends the first trie; the later tries (after 5 1 2 / 1 2 3) go on
+    assert d.match_seen == seen
+    req.output_ids += [7]  # the first trie's node 4 (length 4) misses; later tries (after [1 2 3], [2 3]) too
     _draft(d, req)
-    assert d.depth_seen[2] >= 1 and d.depth_rate[2] < 0.05
+    assert d.match_seen[4] >= 1 and d.match_rate[4] < 0.05
     d.release(req)
     assert "a" not in d.pending
+
+
+def test_a_longer_match_scores_higher():
+    d = NgramDrafter(DrafterConfig("ngram", prompt_lookup_min=1, prompt_lookup_max=3), 0)
+    d.match_rate[:] = [0.1 * m for m in range(len(d.match_rate))]
+    long = _draft(d, _Req("a", [9, 8, 7, 1, 6, 9, 8, 7]), depth=2)  # [9 8 7] matched: 1 then 6
+    short = _draft(d, _Req("b", [5, 7, 1, 6, 9, 8, 7]), depth=2)   # only [7] matched: 1 then 6
+    assert long.tokens[1:].tolist() == short.tokens[1:].tolist() == [1, 6]
+    assert [round(x, 6) for x in long.scores[1:].tolist()] == [0.3, round(0.3 * 0.4, 6)]  # lengths 3, then 3 + 1
+    assert [round(x, 6) for x in short.scores[1:].tolist()] == [0.1, round(0.1 * 0.2, 6)]
+    two = _draft(d, _Req("c", [9, 8, 7, 1, 5, 7, 2, 9, 8, 7]), depth=1)  # 1 after [9 8 7], 2 after [7]
+    assert two.tokens[1:].tolist() == [1, 2]  # the children share their parent's rate, split by weight 9 : 1
+    assert [round(x, 6) for x in two.scores[1:].tolist()] == [round(0.9 * 0.3, 6), round(0.1 * 0.3, 6)]
 
 
 def test_rates_are_a_running_mean_then_a_moving_average():
     d = NgramDrafter(DrafterConfig("ngram"), 0)
     for _ in range(3):
-        d._observe_depth(0, True)
-    assert abs(d.depth_rate[0] - (0.5 + 3) / 4) < 1e-12  # the prior counts as one observation
+        d._observe(1, True)
+    assert abs(d.match_rate[1] - (0.5 + 3) / 4) < 1e-12  # the prior counts as one observation
     for _ in range(100):
-        d._observe_depth(0, False)
-    assert d.depth_rate[0] < 1e-3  # a window of ~10: old observations fade
+        d._observe(1, False)
+    assert d.match_rate[1] < 1e-3  # a window of ~10: old observations fade

@@ -4,12 +4,15 @@ Databases, searched in order until enough continuations are found: (1) the reque
 output), (2) text the engine generated for earlier requests, (3) an optional static corpus. For the longest
 suffix of the context (prompt_lookup_max down to prompt_lookup_min tokens) that occurs earlier, the tokens
 that followed each occurrence (most recent first) are continuations; distinct ones are merged into a trie.
-Drafts are deterministic (q is one-hot). A node's score estimates its acceptance probability from the
-acceptance rate observed at each depth, times the share of continuations that pass through it.
+Drafts are deterministic (q is one-hot). A node's score estimates its acceptance probability: its parent's score
+times the share of the parent's continuations through it times the rate at which some child of a node is right
+given the node is, observed per *match length*: the context tokens the children's prediction rests on (the
+longest suffix match among them plus the drafted tokens above). That length predicts acceptance far better than
+depth does (Spec-Bench outputs, Gemma 3 270M: ~0.4 after one matched token, ~0.64 after three, ~0.96 from five).
 
-The per-depth rates are learned from every drafted trie before the cost model prunes it, checked against the text
-the target went on to generate (`_Pending`). Learning only from the verified trees would never observe the
-depths the cost model cut, so rates that start low would keep the trees shallow for good.
+The rates are learned from every drafted trie before the cost model prunes it, checked against the text the
+target went on to generate (`_Pending`). Learning only from the verified trees would never observe the nodes the
+cost model cut, so rates that start low would keep the trees shallow for good.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from treespec.errors import ConfigError
 from treespec.tree.token_tree import DraftKind, Proposal, TokenTree
 
 _MAX_GLOBAL_TOKENS = 200_000  # database (2): bounded memory of earlier generations
-_RATE_WINDOW = 10  # a depth's rate is the mean of its first observations, then a moving average over ~this many
+_RATE_WINDOW = 10  # a rate is the mean of its first observations, then a moving average over ~this many
+_MAX_MATCH = 16  # match lengths from here on share one rate
 
 
 class NgramIndex:
@@ -63,9 +67,11 @@ class NgramIndex:
 @dataclass
 class _Pending:
     """A drafted trie (unpruned) waiting for the text it predicted: walked along the request's tokens as they
-    arrive, one observation per depth whose parent matched."""
+    arrive; each node reached (its path right so far) with children is one observation of its match length's
+    rate: one of them is right, or none."""
     start: int  # index in the request's tokens of what the depth-1 nodes predict
     kids: list[dict[int, int]]  # per trie node: token -> child node
+    match: list[int]  # per trie node: the match length its children rest on (the key of their rate)
     node: int = 0  # how far the walk has matched
     depth: int = 0
 
@@ -78,8 +84,8 @@ class NgramDrafter(ConfiguredDrafter):
         self.corpus: NgramIndex | None = None
         if cfg.corpus:
             self.corpus = _load_corpus(Path(cfg.corpus), tokenizer, cfg)
-        self.depth_rate = [0.5] * 64  # P(a node at depth d+1 is right | its parent was), running estimate
-        self.depth_seen = [0] * 64  # observations behind each rate
+        self.match_rate = [0.5] * (_MAX_MATCH + 1)  # P(a child right | node right) by match length, running
+        self.match_seen = [0] * (_MAX_MATCH + 1)  # observations behind each rate
         self.pending: dict[str, list[_Pending]] = {}  # request -> its tries still awaiting their text
 
     # ---- protocol -------------------------------------------------------------------------------------------
@@ -111,9 +117,9 @@ class NgramDrafter(ConfiguredDrafter):
                 break
             have = {tuple(c) for c, _ in conts}
             conts += [(c, n) for c, n in db.continuations(ctx, depth, limit - len(conts)) if tuple(c) not in have]
-        tree, kids = self._trie(r.root_token, conts, d.max_nodes)
+        tree, kids, match = self._trie(r.root_token, conts, d.max_nodes)
         if tree.n > 1:
-            self.pending.setdefault(r.request_id, []).append(_Pending(len(ctx), kids))
+            self.pending.setdefault(r.request_id, []).append(_Pending(len(ctx), kids, match))
         return tree
 
     def _learn(self, request_id: str, ids: list[int]) -> None:
@@ -122,7 +128,7 @@ class NgramDrafter(ConfiguredDrafter):
         for p in self.pending.get(request_id, ()):
             while p.kids[p.node] and p.start + p.depth < len(ids):
                 child = p.kids[p.node].get(ids[p.start + p.depth])
-                self._observe_depth(p.depth, child is not None)
+                self._observe(p.match[p.node], child is not None)
                 if child is None:
                     break
                 p.node, p.depth = child, p.depth + 1
@@ -131,17 +137,18 @@ class NgramDrafter(ConfiguredDrafter):
                     waiting.append(p)
         self.pending[request_id] = waiting
 
-    def _observe_depth(self, d: int, hit: bool) -> None:
-        self.depth_seen[d] += 1
-        self.depth_rate[d] += (float(hit) - self.depth_rate[d]) / min(self.depth_seen[d] + 1, _RATE_WINDOW)
+    def _observe(self, m: int, hit: bool) -> None:
+        self.match_seen[m] += 1
+        self.match_rate[m] += (float(hit) - self.match_rate[m]) / min(self.match_seen[m] + 1, _RATE_WINDOW)
 
     def _trie(self, root: int, conts: list[tuple[list[int], int]],
-              max_nodes: int) -> tuple[TokenTree, list[dict[int, int]]]:
-        """Merge continuations into a trie (plain lists, one TokenTree at the end: this runs every step).
+              max_nodes: int) -> tuple[TokenTree, list[dict[int, int]], list[int]]:
+        """Merge continuations into a trie (plain lists, one TokenTree at the end: this runs every step); also
+        returns its children maps and match lengths (for `_Pending`).
 
         A node's score: the match-length-weighted share of continuations through it (relative to its parent)
-        times the observed acceptance rate at its depth, multiplied down the path."""
-        tokens, parents, depth, weight = [root], [-1], [0], [0.0]
+        times the observed rate of its parent's match length, multiplied down the path."""
+        tokens, parents, depth, weight, longest = [root], [-1], [0], [0.0], [0]
         kids: list[dict[int, int]] = [{}]
         total = 0.0
         for cont, n in conts:
@@ -159,18 +166,22 @@ class NgramDrafter(ConfiguredDrafter):
                     parents.append(node)
                     depth.append(depth[node] + 1)
                     weight.append(0.0)
+                    longest.append(0)
                 weight[child] += w
+                longest[child] = max(longest[child], n)
                 node = child
+        match = [min(max((longest[c] for c in children.values()), default=0) + depth[node], _MAX_MATCH)
+                 for node, children in enumerate(kids)]
         scores = [1.0] * len(tokens)
         proposals: list[list[Proposal]] = [[] for _ in tokens]
         for parent, children in enumerate(kids):
             for order, c in enumerate(children.values()):
                 share = weight[c] / (weight[parent] if parent > 0 else total)
-                scores[c] = scores[parent] * share * self.depth_rate[depth[c] - 1]
+                scores[c] = scores[parent] * share * self.match_rate[match[parent]]
                 proposals[c].append(Proposal(self.drafter_id, DraftKind.DETERMINISTIC, None, order=order))
         tree = TokenTree(torch.tensor(tokens), torch.tensor(parents), torch.tensor(depth), proposals,
                          torch.tensor(scores))
-        return tree, kids
+        return tree, kids, match
 
     def _remember(self, tokens: list[int]) -> None:
         """Add a finished request's text to database (2), forgetting the oldest beyond the bound."""
