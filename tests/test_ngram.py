@@ -85,7 +85,7 @@ def test_rates_learn_every_drafted_node_from_the_text_that_followed():
     seen = list(d.match_seen)
     _draft(d, req)  # no new tokens: nothing observed twice
     assert d.match_seen == seen
-    req.output_ids += [7]  # the first trie's node 4 (length 4) misses; later tries (after [1 2 3], [2 3]) too
+    req.output_ids += [7]  # the first trie's next token, 4 (match length 4), misses; so do the later tries' first
     _draft(d, req)
     assert d.match_seen[4] >= 1 and d.match_rate[4] < 0.05
     d.release(req)
