@@ -81,6 +81,18 @@ def test_a_busy_spell_that_slows_every_size_alike_corrects_nothing():
     assert c.as_dict() == {1: 1.0, 2: 1.2, 4: 1.5}
 
 
+def test_one_token_steps_among_trees_never_rescale_the_one_token_cost():
+    """The correction compares sizes with each other, so it cannot tell which of two drifted: when most steps
+    verify 8-node trees whose cost the curve overstates, the rare one-token steps look slow against them. c(1), the
+    plain step, stays the anchor and measures the load; rescaling it (to 2.0 here, and c(2), c(4) with it by the
+    curve's smoothing) made every tree look cheap and speculation slower. The point that drifted is corrected."""
+    c = CostCurve({1: 1.0, 2: 1.2, 4: 1.9, 8: 6.0})  # the truth: c(8) = 3.0
+    for _ in range(6):
+        for n in (8, 8, 1):
+            c.observe(n, 3.0 if n == 8 else 1.0)
+    assert c.points[1] == 1.0 and c(2) == 1.2 and c(4) == 1.9 and c(8) == 3.0
+
+
 def test_probe_size_is_the_next_unconfirmed_grid_point():
     c = CostCurve({1: 1.0, 2: 1.0, 4: 1.0})
     assert c.probe_size(1) == 2 and c.probe_size(3) == 4 and c.probe_size(4) is None

@@ -29,18 +29,21 @@ CALIBRATION_TEXT = (
     "garden of potatoes and onions behind the house and read the same books again. Questions people asked him "
     "most often: was he lonely, how did the lamp work, and why did he stay. He answered that the sea was never "
     "the same two days in a row, and that someone had to keep the light burning for those who were still out.")
-_VERSION = 8  # bump when the forward's speed changes enough to invalidate cached measurements
+_VERSION = 9  # bump when the forward's speed changes enough to invalidate cached measurements
 
 
 # Online correction (CostCurve.observe). What sizes trees is the curve's shape (c(n) against c(1) and its
 # neighbours), so an observed step is read against the machine's current load: its ratio to the curve divided by
-# the median ratio of the last LOAD_WINDOW steps (of any size). A grid point whose last OBSERVATIONS load-relative
-# ratios have a median a factor DRIFT or more away from 1 is rescaled by it. A curve measured on a busy machine
-# (steep: speculation never looks worth it) is thereby corrected, while a busy spell, which slows every size
-# alike, corrects nothing.
+# the median ratio of the last LOAD_WINDOW one-token steps (those of the last ANCHOR_AGE steps; of any size where
+# there are none). A grid point whose last OBSERVATIONS load-relative ratios have a median a factor DRIFT or more
+# away from 1 is rescaled by it. A curve measured on a busy machine (steep: speculation never looks worth it) is
+# thereby corrected, while a busy spell, which slows every size alike, corrects nothing. c(1) is the anchor and is
+# never rescaled: ratios between sizes cannot tell which one drifted, and when trees are most steps, a c(1)
+# rescaled against them (seen: x1.6) made every tree look cheap and speculation slower.
 DRIFT = 2.0
 OBSERVATIONS = 3
 LOAD_WINDOW = 3
+ANCHOR_AGE = 16
 
 
 class CostCurve:
@@ -53,6 +56,8 @@ class CostCurve:
     def __init__(self, points: dict[int, float]) -> None:
         self.points = dict(points)
         self.load: deque[float] = deque(maxlen=LOAD_WINDOW)  # observed / predicted of recent steps, any size
+        self.anchor: deque[tuple[int, float]] = deque(maxlen=LOAD_WINDOW)  # (step, observed / c(1)) of 1-token ones
+        self.steps = 0
         self.ratios: dict[int, deque[float]] = {n: deque(maxlen=OBSERVATIONS) for n in points}  # load-relative
         self.confirmed: set[int] = set()  # grid points whose observed cost agrees with the curve
         self._smooth()
@@ -77,9 +82,16 @@ class CostCurve:
     def observe(self, n: int, seconds: float) -> bool:
         """A step over n query tokens took `seconds`; True if that corrected the curve."""
         g = min(self.ns, key=lambda m: (abs(m - n), m))
-        self.load.append(seconds / self(n))
+        self.steps += 1
+        ratio = seconds / self(n)
+        self.load.append(ratio)
+        if g == self.ns[0]:  # the anchor: its steps measure the load
+            self.anchor.append((self.steps, ratio))
+            self.confirmed.add(g)
+            return False
+        recent = [r for step, r in self.anchor if self.steps - step <= ANCHOR_AGE]
         ratios = self.ratios[g]
-        ratios.append(self.load[-1] / statistics.median(self.load))
+        ratios.append(ratio / statistics.median(recent or self.load))
         if len(ratios) < OBSERVATIONS:
             return False
         ratio = statistics.median(ratios)
