@@ -83,15 +83,15 @@ class CostCurve:
         """A step over n query tokens took `seconds`; True if that corrected the curve."""
         g = min(self.ns, key=lambda m: (abs(m - n), m))
         self.steps += 1
-        ratio = seconds / self(n)
-        self.load.append(ratio)
+        observed = seconds / self(n)
+        self.load.append(observed)
         if g == self.ns[0]:  # the anchor: its steps measure the load
-            self.anchor.append((self.steps, ratio))
+            self.anchor.append((self.steps, observed))
             self.confirmed.add(g)
             return False
         recent = [r for step, r in self.anchor if self.steps - step <= ANCHOR_AGE]
         ratios = self.ratios[g]
-        ratios.append(ratio / statistics.median(recent or self.load))
+        ratios.append(observed / statistics.median(recent or self.load))
         if len(ratios) < OBSERVATIONS:
             return False
         ratio = statistics.median(ratios)
